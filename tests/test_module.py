@@ -1,0 +1,176 @@
+"""The task-by-task accumulation loop: gradients, graph freeing, non-finite losses, task specs."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import TINY_ENCODER, mixed_tasks, random_batch
+from umedpt import MultiTaskModule, SwinEncoder, Task
+from umedpt.encoder import find_batchnorm
+from umedpt.module import NonFiniteLossError
+
+
+def make_module(tasks: list[Task], **kw: Any) -> MultiTaskModule:
+    torch.manual_seed(0)
+    return MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**TINY_ENCODER), **kw)
+
+
+def test_accumulated_gradient_equals_gradient_of_summed_loss(tasks, batch):
+    model = make_module(tasks)
+    reference = copy.deepcopy(model)
+
+    losses = model.accumulate(batch)
+    total = sum(reference.task_loss(name, batch[name]) for name in reference.task_names)
+    total.backward()
+
+    assert set(losses) == {t.name for t in tasks}
+    torch.testing.assert_close(sum(losses.values()), total.detach(), rtol=1e-5, atol=1e-6)
+    checked = 0
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        checked += 1
+    # every head and the whole encoder received gradients
+    assert checked >= len(list(model.encoder.parameters()))
+    for name in model.task_names:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[name].parameters()), name
+
+
+def test_each_task_graph_is_freed_before_the_next_task_runs(tasks, batch):
+    model = make_module(tasks)
+    # parameters and input tensors legitimately outlive a task's graph: track only activations
+    kept = [*model.parameters(), *(v for b in batch.values() for v in b.values() if torch.is_tensor(v))]
+    kept += [t for b in batch.values() for key in ("boxes", "box_labels") for t in b.get(key, [])]
+    param_storages = {t.untyped_storage().data_ptr() for t in kept}
+    saved: dict[str, list[weakref.ref]] = {}
+    current = {"task": None}
+    alive_at_start: dict[str, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in param_storages:
+            saved.setdefault(current["task"], []).append(weakref.ref(t))
+        return t
+
+    original = model.task_loss
+
+    def tracked_task_loss(name: str, task_batch: dict[str, Any]) -> torch.Tensor:
+        alive_at_start[name] = sum(r() is not None for refs in saved.values() for r in refs)
+        current["task"] = name
+        return original(name, task_batch)
+
+    model.task_loss = tracked_task_loss  # type: ignore[method-assign]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.accumulate(batch)
+
+    assert set(saved) == set(model.task_names)
+    assert all(len(refs) > 10 for refs in saved.values())  # the hook really saw each task's activations
+    assert alive_at_start == dict.fromkeys(model.task_names, 0)
+
+
+def test_nonfinite_loss_raises_naming_task_and_step(tasks, batch):
+    model = make_module(tasks)
+    head = model.heads["ct_seg"]
+    head.loss = lambda outputs, b: outputs.sum() * float("nan")  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteLossError, match=r"ct_seg.*step 0"):
+        model.accumulate(batch)
+
+
+def test_nonfinite_loss_skip_drops_only_that_task(tasks, batch):
+    model = make_module(tasks, nonfinite="skip")
+    model.heads["ct_seg"].loss = lambda outputs, b: outputs.sum() * float("inf")  # type: ignore[method-assign]
+    with pytest.warns(RuntimeWarning, match="ct_seg"):
+        losses = model.accumulate(batch)
+    assert float(losses["ct_seg"]) == 0.0
+    for p in model.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.heads["ct_seg"].parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters() if p.grad is not None)
+
+
+def test_loss_scale_normalises_initial_losses_to_about_one(tasks, batch):
+    model = make_module(tasks)
+    with torch.no_grad():
+        for name in model.task_names:
+            value = float(model.task_loss(name, batch[name]))
+            assert 0.3 < value < 2.0, (name, value)
+
+
+def test_task_weight_and_explicit_loss_scale_multiply_the_loss(batch):
+    base = mixed_tasks()
+    weighted = mixed_tasks()
+    weighted[0].weight = 3.0
+    weighted[1].loss_scale = 0.5
+    a, b = make_module(base), make_module(weighted)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        t0, t1 = base[0].name, base[1].name
+        torch.testing.assert_close(b.task_loss(t0, batch[t0]), 3.0 * a.task_loss(t0, batch[t0]))
+        expected = 0.5 * a.task_loss(t1, batch[t1]) / a.loss_scales[t1]
+        torch.testing.assert_close(b.task_loss(t1, batch[t1]), expected)
+
+
+def test_tasks_per_step_samples_a_deterministic_subset(tasks, batch):
+    model = make_module(tasks, tasks_per_step=2)
+    chosen = model.active_tasks(batch)
+    assert len(chosen) == 2 and chosen == model.active_tasks(batch)
+    assert chosen == [n for n in model.task_names if n in chosen]  # configuration order kept
+
+
+def test_no_batchnorm_anywhere_in_shared_encoder_or_heads(tasks):
+    model = make_module(tasks)
+    assert find_batchnorm(model) == []
+    assert any(isinstance(m, nn.LayerNorm) for m in model.encoder.modules())
+
+
+def test_module_rejects_encoder_with_batchnorm(tasks):
+    encoder = SwinEncoder(**TINY_ENCODER)
+    encoder.model.extra = nn.BatchNorm2d(4)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        MultiTaskModule(tasks=tasks, encoder=encoder)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "regression"}, "unknown kind 'regression'"),
+        ({"num_classes": 0}, "num_classes must be >= 1"),
+        ({"name": "bad name"}, "task name 'bad name' is invalid"),
+        ({"class_names": ["a"]}, "1 class_names given for num_classes=3"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"data": {"init_args": {}}}, "data must be a mapping with 'class_path'"),
+    ],
+)
+def test_task_spec_errors_name_the_task_and_field(kwargs, message):
+    spec = {"name": "t1", "kind": "classification", "num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Task(**spec)
+
+
+def test_missing_head_class_gives_clear_error():
+    task = Task(name="t1", kind="classification", num_classes=3, head="heads.nowhere.Head")
+    with pytest.raises(ImportError, match=r"task 't1': head 'heads.nowhere.Head'.*cannot import module"):
+        make_module([task])
+    task = Task(name="t1", kind="classification", num_classes=3, head="heads.classification.NoSuchHead")
+    with pytest.raises(ImportError, match="has no attribute 'NoSuchHead'"):
+        make_module([task])
+
+
+def test_duplicate_task_names_rejected():
+    task = Task(name="t1", kind="classification", num_classes=3)
+    with pytest.raises(ValueError, match="used twice"):
+        make_module([task, task])
+
+
+def test_batch_with_unknown_task_rejected(tasks):
+    model = make_module(tasks)
+    with pytest.raises(KeyError, match="nope"):
+        model.accumulate({"nope": random_batch(tasks[0])})

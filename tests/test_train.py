@@ -1,0 +1,171 @@
+"""End to end through the real Trainer and CLI: convergence, resume, export, config errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning import Callback, Trainer
+
+from tests.conftest import TINY_ENCODER, mixed_tasks
+from umedpt import MultiTaskModule, SwinEncoder, load_encoder
+from umedpt.cli import main
+from umedpt.data import MultiTaskDataModule
+
+CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI warns when given args while sys.argv holds pytest's own arguments."""
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+
+
+def build(num_samples: int, batch_size: int, seed: int = 0, **model_kw: Any):
+    torch.manual_seed(seed)
+    tasks = mixed_tasks(batch_size=batch_size)
+    model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**TINY_ENCODER), export_encoder=False, **model_kw)
+    data = MultiTaskDataModule(
+        tasks=tasks, num_workers=0, dataset_defaults={"image_size": 64, "num_samples": num_samples}, seed=seed
+    )
+    return model, data
+
+
+def trainer(tmp_path: Path, **kw: Any) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
+    return Trainer(**{**defaults, **kw})
+
+
+class RecordLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: MultiTaskModule) -> None:
+        accumulate = pl_module.accumulate
+
+        def recorded(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            losses = accumulate(batch)
+            self.losses.append({k: float(v) for k, v in losses.items()})
+            return losses
+
+        pl_module.accumulate = recorded  # type: ignore[method-assign]
+
+
+def test_every_task_loss_falls_on_synthetic_data(tmp_path):
+    model, data = build(num_samples=16, batch_size=8, lr=2e-3, warmup_steps=2)
+    record = RecordLosses()
+    trainer(tmp_path, max_steps=40, callbacks=[record]).fit(model, data)
+    assert len(record.losses) == 40
+    for name in model.task_names:
+        first = sum(step[name] for step in record.losses[:4]) / 4
+        last = sum(step[name] for step in record.losses[-4:]) / 4
+        assert last < 0.7 * first, (name, first, last)
+
+
+class StopAndSave(Callback):
+    """Save a checkpoint at the end of epoch ``epochs`` and stop (schedule stays that of the full run)."""
+
+    def __init__(self, epochs: int, path: Path) -> None:
+        self.epochs, self.path = epochs, path
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: MultiTaskModule) -> None:
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    # 16 samples / batch 8 = 2 steps per epoch; 4 epochs = 8 steps, interrupted after 2 epochs
+    full_model, data = build(num_samples=16, batch_size=8)
+    trainer(tmp_path / "full", max_epochs=4).fit(full_model, data)
+
+    ckpt = tmp_path / "half.ckpt"
+    first, data = build(num_samples=16, batch_size=8)
+    trainer(tmp_path / "first", max_epochs=4, callbacks=[StopAndSave(2, ckpt)]).fit(first, data)
+    assert first.global_step == 4
+
+    resumed, data = build(num_samples=16, batch_size=8, seed=123)  # different init: must be overwritten
+    trainer(tmp_path / "resumed", max_epochs=4).fit(resumed, data, ckpt_path=ckpt)
+    assert resumed.global_step == full_model.global_step == 8
+    full_state, resumed_state = full_model.state_dict(), resumed.state_dict()
+    for key, value in full_state.items():
+        torch.testing.assert_close(resumed_state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    # the interrupted run really is different from the full one
+    assert not torch.allclose(first.state_dict()["encoder.model.patch_embed.proj.weight"],
+                              full_state["encoder.model.patch_embed.proj.weight"])
+
+
+def test_cli_fit_exports_encoder_that_loads_and_embeds(tmp_path):
+    cli = main(["fit", "-c", str(CONF), "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 2  # 8 samples / batch 4, one epoch
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "config.yaml").is_file()
+    metrics = cli.trainer.callback_metrics
+    for name in ("xr_grade", "fl_objects", "ct_seg", "xr_det"):
+        assert f"val/{name}/loss" in metrics
+    assert "val/xr_grade/accuracy" in str(sorted(metrics)) or any(k.startswith("val/xr_grade/") for k in metrics)
+
+    encoder = load_encoder(log_dir / "encoder")
+    torch.testing.assert_close(encoder.state_dict()["model.patch_embed.proj.weight"],
+                               cli.model.encoder.state_dict()["model.patch_embed.proj.weight"])
+    assert encoder.embed(torch.rand(1, 1, 64, 64)).shape == (1, 128)
+
+    ckpts = sorted(log_dir.glob("checkpoints/*.ckpt"))
+    assert ckpts, "fit wrote no checkpoint"
+    from_ckpt = load_encoder(ckpts[-1])
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(from_ckpt.embed(x), encoder.embed(x))
+
+
+def test_cli_run_false_builds_model_and_data_from_yaml():
+    cli = main(["-c", str(CONF)], run=False)
+    assert cli.model.task_names == ["xr_grade", "fl_objects", "ct_seg", "xr_det"]
+    assert [t.name for t in cli.datamodule.tasks] == cli.model.task_names
+    assert cli.model.encoder.out_channels == [16, 32, 64, 128]
+
+
+def test_cli_rejects_unknown_task_kind(tmp_path, capsys):
+    bad = CONF.read_text().replace("kind: multilabel", "kind: regression")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises((SystemExit, ValueError)) as info:
+        main(["-c", str(tmp_path / "bad.yaml")], run=False)
+    message = str(info.value) + capsys.readouterr().err
+    assert "regression" in message
+
+
+def test_cli_rejects_missing_head_class(tmp_path):
+    bad = CONF.read_text().replace("head_args: {fpn_channels: 32}", "head: heads.detection.Missing")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(ImportError, match=r"task 'xr_det': head 'heads.detection.Missing'"):
+        main(["-c", str(tmp_path / "bad.yaml")], run=False)
+
+
+def test_data_errors_name_the_task(tmp_path):
+    tasks = mixed_tasks(batch_size=32)
+    data = MultiTaskDataModule(tasks=tasks, num_workers=0, dataset_defaults={"image_size": 64, "num_samples": 8})
+    with pytest.raises(ValueError, match=r"task 'xr_grade': train split has 8 samples, fewer than batch_size=32"):
+        data.setup("fit")
+    tasks = mixed_tasks()
+    tasks[0].num_classes = 7
+    data = MultiTaskDataModule(tasks=tasks, num_workers=0, dataset_defaults={"num_samples": 8})
+    with pytest.raises(ValueError, match=r"task 'xr_grade': num_classes=7 but its train dataset has 3 classes"):
+        data.setup("fit")
+    tasks = mixed_tasks()
+    tasks[1].data = {"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": "mri"}}
+    data = MultiTaskDataModule(tasks=tasks, num_workers=0)
+    with pytest.raises((ValueError, TypeError), match=r"task 'fl_objects' \(train split\)"):
+        data.setup("fit")

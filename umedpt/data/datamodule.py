@@ -1,0 +1,120 @@
+"""MultiTaskDataModule: one DataLoader per task, combined for training."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from lightning import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from umedpt.data.loading import EpochShuffleSampler, collate_cases
+from umedpt.tasks import Task, as_task, check_unique, import_class
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Builds every task's datasets from its ``data`` spec and serves them per task.
+
+    Training batches are ``{task_name: task_batch}`` dicts drawn with Lightning's
+    ``CombinedLoader(mode="max_size_cycle")``: an epoch lasts as long as the longest task,
+    shorter tasks cycle. Validation, test and predict use one DataLoader per task, in task order.
+
+    Args:
+        tasks: the task list; the CLI links it from ``model.tasks``.
+        num_workers: DataLoader worker processes per task.
+        dataset_defaults: keyword arguments given to every task dataset whose constructor
+            accepts them and whose spec does not set them (e.g. ``{"image_size": 64}``).
+        eval_batch_size: batch size of validation/test/predict loaders; ``None`` uses each
+            task's training batch size.
+        pin_memory: pin host memory (useful on GPU).
+        seed: seed of the training shuffles (each task gets its own stream).
+    """
+
+    def __init__(
+        self,
+        tasks: list[Task] | None = None,
+        num_workers: int = 2,
+        dataset_defaults: dict[str, Any] | None = None,
+        eval_batch_size: int | None = None,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tasks = [as_task(t) for t in tasks or []]
+        if num_workers < 0:
+            raise ValueError(f"MultiTaskDataModule: num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self.dataset_defaults = dict(dataset_defaults or {})
+        self.eval_batch_size = eval_batch_size
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.datasets: dict[str, dict[str, Dataset]] = {split: {} for split in SPLITS}
+
+    def build_dataset(self, task: Task, split: str) -> Dataset:
+        """Instantiate ``task.data`` for ``split`` with clear errors naming the task."""
+        if task.data is None:
+            raise ValueError(f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec")
+        cls = import_class(task.data["class_path"], f"task {task.name!r}: data class")
+        init_args = dict(task.data.get("init_args") or {})
+        accepted = inspect.signature(cls).parameters
+        for key, value in self.dataset_defaults.items():
+            if key in accepted and key not in init_args:
+                init_args[key] = value
+        try:
+            dataset = cls(split=split, **init_args)
+        except (TypeError, ValueError, FileNotFoundError, IndexError) as err:
+            raise type(err)(f"task {task.name!r} ({split} split): {err}") from err
+        size = len(dataset)
+        if size == 0:
+            raise ValueError(f"task {task.name!r}: the {split} split is empty")
+        ds_classes = getattr(dataset, "num_classes", task.num_classes)
+        if ds_classes != task.num_classes:
+            raise ValueError(
+                f"task {task.name!r}: num_classes={task.num_classes} but its {split} dataset has {ds_classes} classes"
+            )
+        if split == "train" and size < task.batch_size:
+            raise ValueError(
+                f"task {task.name!r}: train split has {size} samples, fewer than batch_size={task.batch_size}"
+            )
+        return dataset
+
+    def setup(self, stage: str) -> None:
+        check_unique(self.tasks)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        for split in wanted:
+            for task in self.tasks:
+                if task.name not in self.datasets[split]:
+                    self.datasets[split][task.name] = self.build_dataset(task, split)
+
+    def _loader(self, task: Task, split: str, index: int) -> DataLoader:
+        train = split == "train"
+        dataset = self.datasets[split][task.name]
+        return DataLoader(
+            dataset,
+            batch_size=task.batch_size if train else (self.eval_batch_size or task.batch_size),
+            sampler=EpochShuffleSampler(len(dataset), seed=self.seed * 1000 + index) if train else None,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_cases,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {t.name: self._loader(t, "train", i) for i, t in enumerate(self.tasks)}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [self._loader(t, split, i) for i, t in enumerate(self.tasks)]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")

@@ -1,0 +1,112 @@
+"""The shared encoder: a timm Swin Transformer with LayerNorm-type norms only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def find_batchnorm(module: nn.Module) -> list[str]:
+    """Names of all BatchNorm modules inside ``module`` (empty when there is none)."""
+    return [name for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+
+
+class SwinEncoder(nn.Module):
+    """Swin Transformer feature pyramid for any input size and 1- or 3-channel images.
+
+    ``forward(x)`` returns four NCHW maps at strides 4, 8, 16 and 32 (the last one
+    passed through the final LayerNorm); ``embed(x)`` returns a pooled ``(B, D)`` vector.
+
+    Args:
+        name: timm model name of a Swin variant.
+        in_chans: channels the patch embedding expects. With ``in_chans=3`` a
+            1-channel input is repeated to 3 channels.
+        img_size: nominal image size; other sizes work too (``strict_img_size=False``).
+        pretrained: load timm's pretrained weights. Needs them in the local timm/HF cache:
+            nothing is downloaded in tests or defaults.
+        model_kwargs: extra keyword arguments for ``timm.create_model`` (``embed_dim``,
+            ``depths``, ``num_heads``, ``window_size``, ``drop_path_rate`` ...).
+
+    Example:
+        >>> enc = SwinEncoder(model_kwargs=dict(embed_dim=32, depths=(1, 1, 1, 1),
+        ...                   num_heads=(1, 2, 4, 8), window_size=4), img_size=64)
+        >>> [tuple(f.shape[1:]) for f in enc(torch.zeros(2, 3, 64, 64))]
+        [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+        >>> enc.embed(torch.zeros(2, 1, 64, 64)).shape
+        torch.Size([2, 256])
+    """
+
+    def __init__(
+        self,
+        name: str = "swin_tiny_patch4_window7_224",
+        in_chans: int = 3,
+        img_size: int = 224,
+        pretrained: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not name.startswith("swin"):
+            raise ValueError(f"SwinEncoder: name must be a timm Swin model ('swin*'), got {name!r}")
+        if in_chans not in (1, 3):
+            raise ValueError(f"SwinEncoder: in_chans must be 1 or 3, got {in_chans}")
+        self.config: dict[str, Any] = {
+            "name": name,
+            "in_chans": in_chans,
+            "img_size": img_size,
+            "model_kwargs": dict(model_kwargs or {}),
+        }
+        self.model = timm.create_model(
+            name,
+            pretrained=pretrained,
+            num_classes=0,
+            in_chans=in_chans,
+            img_size=img_size,
+            strict_img_size=False,
+            **self.config["model_kwargs"],
+        )
+        bn = find_batchnorm(self.model)
+        if bn:
+            raise ValueError(f"SwinEncoder: {name} contains BatchNorm layers {bn[:3]}; use LayerNorm variants")
+        info = self.model.feature_info
+        self.out_channels: list[int] = [f["num_chs"] for f in info]
+        self.reductions: list[int] = [f["reduction"] for f in info]
+        self.embed_dim: int = self.model.num_features
+        self.in_chans = in_chans
+        self.patch_size: tuple[int, int] = tuple(self.model.patch_embed.patch_size)
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"SwinEncoder expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        channels = x.shape[1]
+        if channels == 1 and self.in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif channels != self.in_chans:
+            raise ValueError(
+                f"SwinEncoder was built for {self.in_chans}-channel images, got {channels} channels "
+                f"(shape {tuple(x.shape)})"
+            )
+        # sizes that are not a multiple of the patch size are padded at the bottom/right
+        pad_h, pad_w = (-x.shape[-2]) % self.patch_size[0], (-x.shape[-1]) % self.patch_size[1]
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Feature pyramid: NCHW maps at strides ``self.reductions``."""
+        return self.model.forward_intermediates(
+            self._check_input(x), norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+
+    @staticmethod
+    def pool(features: list[Tensor]) -> Tensor:
+        """Global average of the last pyramid level: ``(B, D)``."""
+        return features[-1].mean(dim=(-2, -1))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Image embeddings ``(B, embed_dim)``: average of the last (normalised) level."""
+        return self.pool(self(x))
+
+    def extra_repr(self) -> str:
+        return f"name={self.config['name']}, in_chans={self.in_chans}, out_channels={self.out_channels}"

@@ -1,0 +1,273 @@
+"""MultiTaskModule: one shared encoder, one head per task, task-by-task gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from umedpt.encoder import SwinEncoder, find_batchnorm
+from umedpt.io import CHECKPOINT_KEY, save_encoder
+from umedpt.tasks import Task, as_task, check_unique
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task produced a NaN or infinite loss."""
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Any:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MultiTaskModule(LightningModule):
+    """Multi-task pretraining of a shared encoder with task-by-task gradient accumulation.
+
+    Each training step runs, for every active task: forward through the shared encoder and the
+    task's head, backward, free the graph; then ONE optimizer step. Peak memory is that of one
+    task. Under DDP the gradients are synchronised only during the last task's backward.
+
+    Args:
+        tasks: the task specs (:class:`umedpt.tasks.Task` or their mapping form).
+        encoder: the shared encoder (a :class:`SwinEncoder` or its ``config`` mapping);
+            ``None`` builds the default ``swin_tiny_patch4_window7_224``.
+        lr: peak learning rate of the encoder (heads use ``lr * task.lr_factor``).
+        weight_decay: AdamW weight decay (not applied to biases and 1-d parameters).
+        warmup_steps: linear warmup in optimizer steps; a value < 1 is a fraction of all steps.
+        min_lr_ratio: final learning rate of the cosine schedule relative to ``lr``.
+        grad_clip_norm: clip the global gradient norm to this value (``None``: no clipping).
+        tasks_per_step: train a random subset of this many tasks per step (``None``: all).
+        nonfinite: ``"raise"`` stops on a NaN/inf task loss naming the task and step;
+            ``"skip"`` drops that task's batch with a warning (one host sync per task).
+        export_encoder: write ``<log dir>/encoder/`` (safetensors + JSON) when fit ends.
+        seed: seed of the task subset sampling.
+    """
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        encoder: SwinEncoder | dict[str, Any] | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        grad_clip_norm: float | None = 1.0,
+        tasks_per_step: int | None = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        export_encoder: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        task_list = [as_task(t) for t in tasks]
+        check_unique(task_list)
+        if isinstance(encoder, dict):
+            encoder = SwinEncoder(**encoder)
+        self.encoder = encoder if encoder is not None else SwinEncoder()
+        bn = find_batchnorm(self.encoder)
+        if bn:
+            raise ValueError(f"MultiTaskModule: the shared encoder contains BatchNorm layers {bn[:3]}")
+        self.tasks: dict[str, Task] = {t.name: t for t in task_list}
+        self.heads = nn.ModuleDict(
+            {t.name: t.build_head(self.encoder.out_channels, self.encoder.reductions) for t in task_list}
+        )
+        self.loss_scales = {
+            name: (t.loss_scale or self.heads[name].default_loss_scale) * t.weight for name, t in self.tasks.items()
+        }
+        if tasks_per_step is not None and not 1 <= tasks_per_step <= len(task_list):
+            raise ValueError(f"tasks_per_step must be in 1..{len(task_list)}, got {tasks_per_step}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.val_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
+        self.test_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
+        self.eval_losses = nn.ModuleDict({n: MeanMetric() for n in self.tasks})
+        self.save_hyperparameters(
+            {
+                "tasks": [t.to_dict() for t in task_list],
+                "encoder": self.encoder.config,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "grad_clip_norm": grad_clip_norm,
+                "tasks_per_step": tasks_per_step,
+                "nonfinite": nonfinite,
+                "export_encoder": export_encoder,
+                "seed": seed,
+            }
+        )
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    # ------------------------------------------------------------------ the loop
+    def task_loss(self, task_name: str, task_batch: dict[str, Any]) -> Tensor:
+        """Scaled loss of one task's batch, graph attached."""
+        head = self.heads[task_name]
+        image = task_batch["image"]
+        outputs = head(self.encoder(image), tuple(image.shape[-2:]))
+        return self.loss_scales[task_name] * head.loss(outputs, task_batch)
+
+    def active_tasks(self, batch: dict[str, Any]) -> list[str]:
+        """Tasks trained in this step, in configuration order."""
+        missing = [n for n in batch if n not in self.tasks]
+        if missing:
+            raise KeyError(f"batch has tasks {missing} that the model does not know; tasks: {self.task_names}")
+        names = [n for n in self.task_names if n in batch]
+        k = self.hparams.tasks_per_step
+        if k is None or k >= len(names):
+            return names
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        chosen = set(torch.randperm(len(names), generator=generator)[:k].tolist())
+        return [n for i, n in enumerate(names) if i in chosen]
+
+    def accumulate(self, batch: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
+        """Forward and backward each task in turn (no optimizer step); detached losses per task.
+
+        Gradients add up in ``.grad``. Each task's graph is freed by its backward before the
+        next task runs. Attached to a Trainer, all but the last backward skip the DDP
+        gradient synchronisation.
+        """
+        names = self.active_tasks(batch)
+        attached = self._trainer is not None
+        optimizer = self.optimizers() if attached else None
+        skip = self.hparams.nonfinite == "skip"
+        losses: dict[str, Tensor] = {}
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            sync = nullcontext() if (last or not attached) else optimizer.toggle_model(sync_grad=False)
+            with sync:
+                loss = self.task_loss(name, batch[name])
+                if skip and not torch.isfinite(loss):
+                    warnings.warn(
+                        f"task {name!r}: non-finite loss {loss.item()} at step {self.global_step}; batch skipped",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    loss = sum(p.sum() * 0.0 for p in self.heads[name].parameters())
+                if attached:
+                    self.manual_backward(loss)
+                else:
+                    loss.backward()
+            losses[name] = loss.detach()
+            del loss
+        if not skip:
+            self._check_finite(losses)
+        return losses
+
+    def _check_finite(self, losses: dict[str, Tensor]) -> None:
+        finite = torch.isfinite(torch.stack(list(losses.values())))
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(losses, finite.tolist(), strict=True) if not ok]
+            raise NonFiniteLossError(
+                f"non-finite loss in task(s) {bad} at step {self.global_step} "
+                f"({ {n: losses[n].item() for n in bad} }); set model.nonfinite=skip to drop such batches"
+            )
+
+    def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        losses = self.accumulate(batch)
+        optimizer.step()
+        self.lr_schedulers().step()
+        total = torch.stack(list(losses.values())).sum()
+        batch_size = sum(batch[n]["image"].shape[0] for n in losses)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{n}/loss": v for n, v in losses.items()}, batch_size=batch_size)
+        return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # gradients are unscaled here (also with fp16 + GradScaler)
+        if self.hparams.grad_clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip_norm, foreach=True)
+            self.log("train/grad_norm", norm)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        name = self.task_names[dataloader_idx]
+        head = self.heads[name]
+        image = batch["image"]
+        outputs = head(self.encoder(image), tuple(image.shape[-2:]))
+        self.eval_losses[name].update(self.loss_scales[name] * head.loss(outputs, batch))
+        metrics = self.val_metrics if split == "val" else self.test_metrics
+        head.update_metrics(metrics[name], outputs, batch)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        metrics = self.val_metrics if split == "val" else self.test_metrics
+        values: dict[str, Tensor] = {}
+        task_losses = []
+        for name in self.task_names:
+            if self.eval_losses[name].update_count == 0:
+                continue
+            loss = self.eval_losses[name].compute()
+            task_losses.append(loss)
+            values[f"{split}/{name}/loss"] = loss
+            for key, value in metrics[name].compute().items():
+                if value.numel() == 1:
+                    values[f"{split}/{name}/{key}"] = value.float()
+            metrics[name].reset()
+            self.eval_losses[name].reset()
+        if task_losses:
+            values[f"{split}/loss"] = torch.stack(task_losses).mean()
+            self.log_dict(values, sync_dist=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        name = self.task_names[dataloader_idx]
+        image = batch["image"]
+        head = self.heads[name]
+        return {"task": name, "prediction": head.predict(head(self.encoder(image), tuple(image.shape[-2:])))}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = param_groups_weight_decay(self.encoder, hp.weight_decay)
+        for group in groups:
+            group["lr"] = hp.lr
+        for name, head in self.heads.items():
+            for group in param_groups_weight_decay(head, hp.weight_decay):
+                group["lr"] = hp.lr * self.tasks[name].lr_factor
+                groups.append(group)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
+        scheduler = LambdaLR(optimizer, warmup_cosine(max(1, warmup), total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.encoder.config
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_encoder and self.trainer.is_global_zero:
+            root = self.trainer.log_dir or self.trainer.default_root_dir
+            path = save_encoder(self.encoder, Path(root) / "encoder")
+            print(f"umedpt: encoder exported to {path}")
