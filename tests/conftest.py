@@ -16,7 +16,13 @@ from umedpt.tasks import Task  # noqa: E402
 TINY_ENCODER: dict[str, Any] = {
     "name": "swin_tiny_patch4_window7_224",
     "img_size": 64,
-    "model_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 4, "drop_path_rate": 0.0},
+    "model_kwargs": {
+        "embed_dim": 16,
+        "depths": [1, 1, 1, 1],
+        "num_heads": [1, 2, 4, 8],
+        "window_size": 4,
+        "drop_path_rate": 0.0,
+    },
 }
 HEAD_ARGS: dict[str, dict[str, Any]] = {
     "segmentation": {"decoder_channels": 32},
@@ -30,7 +36,10 @@ def synthetic_task(name: str, style: str, family: str, kind: str, num_classes: i
         name=name,
         kind=kind,
         num_classes=num_classes,
-        data={"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": style, "family": family}},
+        data={
+            "class_path": "umedpt.data.synthetic.SyntheticTaskDataset",
+            "init_args": {"style": style, "family": family},
+        },
         head_args=dict(HEAD_ARGS.get(kind, {})),
         **kw,
     )

@@ -41,7 +41,9 @@ def test_accumulated_gradient_equals_gradient_of_summed_loss(tasks, batch):
     # every head and the whole encoder received gradients
     assert checked >= len(list(model.encoder.parameters()))
     for name in model.task_names:
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[name].parameters()), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[name].parameters()), (
+            name
+        )
 
 
 def test_each_task_graph_is_freed_before_the_next_task_runs(tasks, batch):

@@ -70,7 +70,9 @@ class SwinEncoder(nn.Module):
         )
         bn = find_batchnorm(self.model)
         if bn:
-            raise ValueError(f"SwinEncoder: {name} contains BatchNorm layers {bn[:3]}; use LayerNorm variants")
+            raise ValueError(
+                f"SwinEncoder: {name} contains BatchNorm layers {bn[:3]}; use LayerNorm variants"
+            )
         info = self.model.feature_info
         self.out_channels: list[int] = [f["num_chs"] for f in info]
         self.reductions: list[int] = [f["reduction"] for f in info]

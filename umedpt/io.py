@@ -74,7 +74,9 @@ def _cast(state: dict[str, torch.Tensor], encoder: SwinEncoder) -> dict[str, tor
         if k in own and own[k].shape != v.shape
     ]
     if bad:
-        raise ValueError(f"load_encoder: weights do not match the encoder config ({len(bad)} shapes differ): {bad[:3]}")
+        raise ValueError(
+            f"load_encoder: weights do not match the encoder config ({len(bad)} shapes differ): {bad[:3]}"
+        )
     return state
 
 
@@ -98,7 +100,9 @@ def _read_export(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return config["encoder"], state
 
 
-def _read_checkpoint(path: Path, map_location: str | torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_checkpoint(
+    path: Path, map_location: str | torch.device
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types on foreign or unsafe files

@@ -84,7 +84,9 @@ class Task:
         if not (isinstance(cls, type) and issubclass(cls, TaskHead)):
             raise TypeError(f"task {self.name!r}: head {self.head_class_path!r} is not a heads.base.TaskHead")
         try:
-            return cls(in_channels=in_channels, reductions=reductions, num_classes=self.num_classes, **self.head_args)
+            return cls(
+                in_channels=in_channels, reductions=reductions, num_classes=self.num_classes, **self.head_args
+            )
         except TypeError as err:
             raise TypeError(f"task {self.name!r}: cannot build head {self.head_class_path}: {err}") from err
 

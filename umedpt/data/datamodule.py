@@ -56,7 +56,9 @@ class MultiTaskDataModule(LightningDataModule):
     def build_dataset(self, task: Task, split: str) -> Dataset:
         """Instantiate ``task.data`` for ``split`` with clear errors naming the task."""
         if task.data is None:
-            raise ValueError(f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec")
+            raise ValueError(
+                f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec"
+            )
         cls = import_class(task.data["class_path"], f"task {task.name!r}: data class")
         init_args = dict(task.data.get("init_args") or {})
         accepted = inspect.signature(cls).parameters
@@ -83,7 +85,9 @@ class MultiTaskDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         check_unique(self.tasks)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[
+            stage
+        ]
         for split in wanted:
             for task in self.tasks:
                 if task.name not in self.datasets[split]:

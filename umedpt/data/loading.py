@@ -19,7 +19,9 @@ def collate_cases(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys = set(cases[0])
     for i, case in enumerate(cases[1:], start=1):
         if set(case) != keys:
-            raise ValueError(f"collate_cases: sample {i} has keys {sorted(case)}, sample 0 has {sorted(keys)}")
+            raise ValueError(
+                f"collate_cases: sample {i} has keys {sorted(case)}, sample 0 has {sorted(keys)}"
+            )
     batch = {k: [case[k] for case in cases] for k in keys if k in LIST_KEYS}
     batch.update(default_collate([{k: v for k, v in case.items() if k not in LIST_KEYS} for case in cases]))
     return batch
