@@ -45,6 +45,15 @@ class TaskHead(nn.Module, ABC):
         self.reductions = list(reductions)
         self.num_classes = num_classes
 
+    def target(self, batch: dict[str, Any], key: str) -> Any:
+        """``batch[key]``, or a ``KeyError`` naming the head, the missing key and the keys present."""
+        if key not in batch:
+            raise KeyError(
+                f"{type(self).__name__}: the batch has no target {key!r} (keys present: {sorted(batch)}); "
+                f"this head reads {list(self.target_keys)}"
+            )
+        return batch[key]
+
     @abstractmethod
     def forward(self, features: list[Tensor], image_size: tuple[int, int]) -> Any:
         """Raw outputs (logits, mask logits, detection head outputs) for a feature pyramid."""

@@ -26,17 +26,7 @@ from torchmetrics.classification import (
 
 from heads.base import TaskHead
 
-__all__ = ["ClassificationHead", "MultiLabelHead", "batch_target"]
-
-
-def batch_target(head: TaskHead, batch: dict[str, Any], key: str) -> Any:
-    """``batch[key]``, or a ``KeyError`` naming the head, the missing key and the keys present."""
-    if key not in batch:
-        raise KeyError(
-            f"{type(head).__name__}: the batch has no target {key!r} (keys present: {sorted(batch)}); "
-            f"this head reads {list(head.target_keys)}"
-        )
-    return batch[key]
+__all__ = ["ClassificationHead", "MultiLabelHead"]
 
 
 class _PooledLinearHead(TaskHead):
@@ -64,7 +54,7 @@ class _PooledLinearHead(TaskHead):
 
     def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict[str, Any]) -> None:
         """Update ``metrics`` with the predicted probabilities and the integer labels."""
-        metrics.update(self.predict(outputs.detach()), batch_target(self, batch, "label").long())
+        metrics.update(self.predict(outputs.detach()), self.target(batch, "label").long())
 
 
 class ClassificationHead(_PooledLinearHead):
@@ -101,7 +91,7 @@ class ClassificationHead(_PooledLinearHead):
 
     def loss(self, outputs: Tensor, batch: dict[str, Any]) -> Tensor:
         """Cross-entropy (with label smoothing) of the logits against ``batch["label"]``."""
-        target = batch_target(self, batch, "label").long()
+        target = self.target(batch, "label").long()
         return F.cross_entropy(outputs, target, label_smoothing=self.label_smoothing)
 
     @property
@@ -166,7 +156,7 @@ class MultiLabelHead(_PooledLinearHead):
 
     def loss(self, outputs: Tensor, batch: dict[str, Any]) -> Tensor:
         """Binary cross-entropy with logits against ``batch["label"]`` (mean over images and labels)."""
-        target = batch_target(self, batch, "label").to(outputs.dtype)
+        target = self.target(batch, "label").to(outputs.dtype)
         return F.binary_cross_entropy_with_logits(outputs, target, pos_weight=self.pos_weight)
 
     @property

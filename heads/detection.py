@@ -29,7 +29,6 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 
 from heads.base import TaskHead
-from heads.classification import batch_target
 
 __all__ = ["DetectionHead", "DetectionMAP", "DetectionOutputs", "ExtraLevels", "PyramidFPN"]
 
@@ -219,7 +218,7 @@ class DetectionHead(TaskHead):
 
     def targets(self, batch: dict[str, Any]) -> list[dict[str, Tensor]]:
         """Per-image ``{"boxes", "labels"}`` dicts from the batch, checked (valid boxes and labels)."""
-        boxes, labels = batch_target(self, batch, "boxes"), batch_target(self, batch, "box_labels")
+        boxes, labels = self.target(batch, "boxes"), self.target(batch, "box_labels")
         if len(boxes) != len(labels):
             raise ValueError(f"DetectionHead: {len(boxes)} box tensors but {len(labels)} label tensors")
         targets = [

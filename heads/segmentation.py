@@ -16,7 +16,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
 from heads.base import TaskHead
-from heads.classification import batch_target
 
 __all__ = ["SegmentationHead", "pad_to_pyramid"]
 
@@ -146,7 +145,7 @@ class SegmentationHead(TaskHead):
 
     def loss(self, outputs: Tensor, batch: dict[str, Any]) -> Tensor:
         """``ce_weight * CE + dice_weight * Dice`` over the pixels whose mask is not ``ignore_index``."""
-        mask = batch_target(self, batch, "mask").long()
+        mask = self.target(batch, "mask").long()
         valid = (mask != self.ignore_index).sum().clamp_min(1)
         ce = F.cross_entropy(outputs, mask, ignore_index=self.ignore_index, reduction="sum") / valid
         return self.ce_weight * ce + self.dice_weight * self.dice_loss(outputs, mask)
@@ -169,7 +168,7 @@ class SegmentationHead(TaskHead):
 
     def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict[str, Any]) -> None:
         """Update ``metrics`` with the predicted label mask."""
-        metrics.update(self.predict(outputs), batch_target(self, batch, "mask").long())
+        metrics.update(self.predict(outputs), self.target(batch, "mask").long())
 
     def predict(self, outputs: Tensor) -> Tensor:
         """Label mask (B, H, W): the arg-max class of every pixel."""

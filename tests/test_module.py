@@ -176,3 +176,15 @@ def test_batch_with_unknown_task_rejected(tasks):
     model = make_module(tasks)
     with pytest.raises(KeyError, match="nope"):
         model.accumulate({"nope": random_batch(tasks[0])})
+
+
+def test_head_defaults_apply_per_kind_and_task_head_args_win(tasks):
+    tasks[2].head_args = {"decoder_channels": 64}
+    tasks[3].head_args = {}
+    model = make_module(
+        tasks, head_defaults={"segmentation": {"decoder_channels": 96}, "detection": {"fpn_channels": 64}}
+    )
+    assert model.heads["ct_seg"].classifier.in_channels == 64  # the task's own head_args win
+    assert model.heads["xr_det"].fcos.backbone.out_channels == 64
+    with pytest.raises(ValueError, match=r"head_defaults: unknown task kinds \['regression'\]"):
+        make_module(tasks, head_defaults={"regression": {}})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -187,3 +189,12 @@ def test_data_errors_name_the_task(tmp_path):
     data = MultiTaskDataModule(tasks=tasks, num_workers=0)
     with pytest.raises((ValueError, TypeError), match=r"task 'fl_objects' \(train split\)"):
         data.setup("fit")
+
+
+def test_console_script_runs_fit_and_exits_zero(tmp_path):
+    script = Path(sys.executable).with_name("lightning")
+    args = [str(script), "fit", "-c", str(CONF), "--trainer.default_root_dir", str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "val metrics per task" in done.stdout and "xr_det" in done.stdout
+    assert (tmp_path / "lightning_logs" / "version_0" / "encoder" / "model.safetensors").is_file()

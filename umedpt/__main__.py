@@ -1,4 +1,4 @@
-from umedpt.cli import main
+from umedpt.cli import run_cli
 
 if __name__ == "__main__":
-    main()
+    run_cli()

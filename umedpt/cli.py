@@ -38,3 +38,8 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> UMedPTCLI:
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )
+
+
+def run_cli() -> None:
+    """Console entry point of ``lightning`` and ``umedpt`` (the exit status comes from the run)."""
+    main()

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
-from umedpt.tasks import Task, as_task, check_unique
+from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,6 +47,8 @@ class MultiTaskModule(LightningModule):
         tasks: the task specs (:class:`umedpt.tasks.Task` or their mapping form).
         encoder: the shared encoder (a :class:`SwinEncoder` or its ``config`` mapping);
             ``None`` builds the default ``swin_tiny_patch4_window7_224``.
+        head_defaults: per task kind, head keyword arguments for tasks whose ``head_args``
+            do not set them, e.g. ``{"segmentation": {"decoder_channels": 64}}``.
         lr: peak learning rate of the encoder (heads use ``lr * task.lr_factor``).
         weight_decay: AdamW weight decay (not applied to biases and 1-d parameters).
         warmup_steps: linear warmup in optimizer steps; a value < 1 is a fraction of all steps.
@@ -65,6 +67,7 @@ class MultiTaskModule(LightningModule):
         self,
         tasks: list[Task],
         encoder: SwinEncoder | dict[str, Any] | None = None,
+        head_defaults: dict[str, dict[str, Any]] | None = None,
         lr: float = 2e-4,
         weight_decay: float = 0.05,
         warmup_steps: float = 0.05,
@@ -87,8 +90,19 @@ class MultiTaskModule(LightningModule):
         if bn:
             raise ValueError(f"MultiTaskModule: the shared encoder contains BatchNorm layers {bn[:3]}")
         self.tasks: dict[str, Task] = {t.name: t for t in task_list}
+        head_defaults = dict(head_defaults or {})
+        unknown = sorted(set(head_defaults) - set(TASK_KINDS))
+        if unknown:
+            raise ValueError(
+                f"head_defaults: unknown task kinds {unknown}; expected some of {list(TASK_KINDS)}"
+            )
         self.heads = nn.ModuleDict(
-            {t.name: t.build_head(self.encoder.out_channels, self.encoder.reductions) for t in task_list}
+            {
+                t.name: t.build_head(
+                    self.encoder.out_channels, self.encoder.reductions, head_defaults.get(t.kind)
+                )
+                for t in task_list
+            }
         )
         self.loss_scales = {
             name: (t.loss_scale or self.heads[name].default_loss_scale) * t.weight
@@ -105,6 +119,7 @@ class MultiTaskModule(LightningModule):
             {
                 "tasks": [t.to_dict() for t in task_list],
                 "encoder": self.encoder.config,
+                "head_defaults": head_defaults,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
@@ -282,7 +297,24 @@ class MultiTaskModule(LightningModule):
     def on_fit_end(self) -> None:
         if self.hparams.flush_denormal and self.device.type == "cpu":
             torch.set_flush_denormal(False)
-        if self.hparams.export_encoder and self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero:
+            return
+        table = self.metrics_table("val")
+        if table:
+            print(table)
+        if self.hparams.export_encoder:
             root = self.trainer.log_dir or self.trainer.default_root_dir
             path = save_encoder(self.encoder, Path(root) / "encoder")
             print(f"umedpt: encoder exported to {path}")
+
+    def metrics_table(self, split: str) -> str:
+        """The last logged ``split`` metrics as a text table, one row per task."""
+        logged = self.trainer.callback_metrics
+        rows = []
+        for name, task in self.tasks.items():
+            prefix = f"{split}/{name}/"
+            values = {k[len(prefix) :]: float(v) for k, v in logged.items() if k.startswith(prefix)}
+            if values:
+                cells = "  ".join(f"{k}={v:.3f}" for k, v in sorted(values.items()))
+                rows.append(f"  {name:<24} {task.kind:<15} {cells}")
+        return f"umedpt: {split} metrics per task\n" + "\n".join(rows) if rows else ""

@@ -78,15 +78,16 @@ class Task:
     def head_class_path(self) -> str:
         return self.head or DEFAULT_HEADS[self.kind]
 
-    def build_head(self, in_channels: Sequence[int], reductions: Sequence[int]) -> TaskHead:
-        """Instantiate this task's head for an encoder pyramid."""
+    def build_head(
+        self, in_channels: Sequence[int], reductions: Sequence[int], defaults: dict[str, Any] | None = None
+    ) -> TaskHead:
+        """Instantiate this task's head for an encoder pyramid; ``head_args`` override ``defaults``."""
         cls = import_class(self.head_class_path, f"task {self.name!r}: head")
         if not (isinstance(cls, type) and issubclass(cls, TaskHead)):
             raise TypeError(f"task {self.name!r}: head {self.head_class_path!r} is not a heads.base.TaskHead")
         try:
-            return cls(
-                in_channels=in_channels, reductions=reductions, num_classes=self.num_classes, **self.head_args
-            )
+            kwargs = {**(defaults or {}), **self.head_args}
+            return cls(in_channels=in_channels, reductions=reductions, num_classes=self.num_classes, **kwargs)
         except TypeError as err:
             raise TypeError(f"task {self.name!r}: cannot build head {self.head_class_path}: {err}") from err
 
