@@ -198,3 +198,37 @@ def test_console_script_runs_fit_and_exits_zero(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val metrics per task" in done.stdout and "xr_det" in done.stdout
     assert (tmp_path / "lightning_logs" / "version_0" / "encoder" / "model.safetensors").is_file()
+
+
+def test_loaders_use_task_batch_size_and_workers():
+    tasks = mixed_tasks(batch_size=4)
+    tasks[0].num_workers, tasks[1].batch_size = 1, 2
+    data = MultiTaskDataModule(
+        tasks=tasks, num_workers=0, dataset_defaults={"image_size": 32, "num_samples": 8}
+    )
+    data.setup("fit")
+    loaders = data.train_dataloader().iterables
+    assert loaders["xr_grade"].num_workers == 1 and loaders["fl_objects"].num_workers == 0
+    batch, _, _ = next(iter(data.train_dataloader()))
+    assert batch["xr_grade"]["image"].shape == (4, 3, 32, 32)
+    assert batch["fl_objects"]["label"].shape == (2, 4)
+    assert isinstance(batch["xr_det"]["boxes"], list) and len(batch["xr_det"]["boxes"]) == 4
+    assert [len(dl.dataset) for dl in data.val_dataloader()] == [8, 8, 8, 8]
+
+
+def test_recipe_config_builds_17_tasks_of_all_kinds():
+    root = Path(__file__).parents[1] / "configs"
+    cli = main(["-c", str(root / "umedpt.yaml")], run=False)
+    assert len(cli.model.task_names) == 17
+    assert {t.kind for t in cli.model.tasks.values()} == {
+        "classification",
+        "multilabel",
+        "segmentation",
+        "detection",
+    }
+    assert cli.model.encoder.config["name"] == "swin_tiny_patch4_window7_224"
+    assert cli.model.encoder.config["img_size"] == 224
+    assert cli.trainer.precision == "bf16-mixed"
+    quick = main(["-c", str(root / "umedpt.yaml"), "-c", str(root / "quick.yaml")], run=False)
+    assert quick.model.task_names == cli.model.task_names
+    assert quick.datamodule.dataset_defaults["image_size"] == 64

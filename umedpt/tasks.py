@@ -33,6 +33,7 @@ class Task:
         weight: relative weight of this task in the summed loss.
         lr_factor: the head's learning rate relative to the encoder's.
         batch_size: training batch size of this task.
+        num_workers: DataLoader workers of this task; ``None`` uses the data module's default.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Task:
     weight: float = 1.0
     lr_factor: float = 1.0
     batch_size: int = 16
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -68,6 +70,8 @@ class Task:
             raise ValueError(f"{where}: loss_scale must be > 0, got {self.loss_scale}")
         if self.batch_size < 1:
             raise ValueError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"{where}: num_workers must be >= 0, got {self.num_workers}")
         if self.data is not None and "class_path" not in self.data:
             raise ValueError(
                 f"{where}: data must be a mapping with 'class_path' (and optional 'init_args'), "

@@ -24,7 +24,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     Args:
         tasks: the task list; the CLI links it from ``model.tasks``.
-        num_workers: DataLoader worker processes per task.
+        num_workers: DataLoader worker processes per task (a task's own ``num_workers`` wins).
         dataset_defaults: keyword arguments given to every task dataset whose constructor
             accepts them and whose spec does not set them (e.g. ``{"image_size": 64}``).
         eval_batch_size: batch size of validation/test/predict loaders; ``None`` uses each
@@ -96,13 +96,14 @@ class MultiTaskDataModule(LightningDataModule):
     def _loader(self, task: Task, split: str, index: int) -> DataLoader:
         train = split == "train"
         dataset = self.datasets[split][task.name]
+        workers = self.num_workers if task.num_workers is None else task.num_workers
         return DataLoader(
             dataset,
             batch_size=task.batch_size if train else (self.eval_batch_size or task.batch_size),
             sampler=EpochShuffleSampler(len(dataset), seed=self.seed * 1000 + index) if train else None,
             drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate_cases,
         )
