@@ -20,12 +20,6 @@ from umedpt.data import MultiTaskDataModule
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def plain_argv(monkeypatch):
-    """LightningCLI warns when given args while sys.argv holds pytest's own arguments."""
-    monkeypatch.setattr(sys, "argv", ["lightning"])
-
-
 def build(num_samples: int, batch_size: int, init_seed: int = 0, **model_kw: Any):
     torch.manual_seed(init_seed)
     tasks = mixed_tasks(batch_size=batch_size)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -28,16 +29,23 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> UMedPTCLI:
 
     With ``run=False`` nothing is executed: ``cli.model``, ``cli.datamodule`` and
     ``cli.trainer`` are built from the configuration (no subcommand in ``args`` then).
+    Given ``args``, the process's own arguments (pytest's, Jupyter's) are ignored.
     """
-    return UMedPTCLI(
-        MultiTaskModule,
-        MultiTaskDataModule,
-        args=list(args) if args is not None else None,
-        run=run,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-    )
+    argv = sys.argv
+    if args is not None:
+        sys.argv = argv[:1]
+    try:
+        return UMedPTCLI(
+            MultiTaskModule,
+            MultiTaskDataModule,
+            args=list(args) if args is not None else None,
+            run=run,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
+    finally:
+        sys.argv = argv
 
 
 def run_cli() -> None:
