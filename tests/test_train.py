@@ -110,6 +110,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     )
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_cli_fit_exports_encoder_that_loads_and_embeds(tmp_path):
     cli = main(["fit", "-c", str(CONF), "--trainer.default_root_dir", str(tmp_path)])
     assert cli.trainer.global_step == 2  # 8 samples / batch 4, one epoch
@@ -134,6 +135,13 @@ def test_cli_fit_exports_encoder_that_loads_and_embeds(tmp_path):
     from_ckpt = load_encoder(ckpts[-1])
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(from_ckpt.embed(x), encoder.embed(x))
+
+    tested = main(
+        ["test", "-c", str(CONF), "--ckpt_path", str(ckpts[-1]), "--trainer.default_root_dir", str(tmp_path)]
+    )
+    results = tested.trainer.callback_metrics
+    assert {f"test/{n}/loss" for n in tested.model.task_names} <= set(results)
+    assert 0.0 <= float(results["test/xr_grade/accuracy"]) <= 1.0
 
 
 def test_cli_run_false_builds_model_and_data_from_yaml():

@@ -24,7 +24,8 @@ class MultiTaskDataModule(LightningDataModule):
 
     Args:
         tasks: the task list; the CLI links it from ``model.tasks``.
-        num_workers: DataLoader worker processes per task (a task's own ``num_workers`` wins).
+        num_workers: DataLoader worker processes per task (a task's own ``num_workers`` wins);
+            training workers persist across epochs, evaluation workers start per evaluation.
         dataset_defaults: keyword arguments given to every task dataset whose constructor
             accepts them and whose spec does not set them (e.g. ``{"image_size": 64}``).
         eval_batch_size: batch size of validation/test/predict loaders; ``None`` uses each
@@ -103,7 +104,7 @@ class MultiTaskDataModule(LightningDataModule):
             sampler=EpochShuffleSampler(len(dataset), seed=self.seed * 1000 + index) if train else None,
             drop_last=train,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            persistent_workers=train and workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate_cases,
         )
