@@ -143,6 +143,27 @@ def test_cli_fit_exports_encoder_that_loads_and_embeds(tmp_path):
     assert {f"test/{n}/loss" for n in tested.model.task_names} <= set(results)
     assert 0.0 <= float(results["test/xr_grade/accuracy"]) <= 1.0
 
+    predicted = main(
+        [
+            "predict",
+            "-c",
+            str(CONF),
+            "--ckpt_path",
+            str(ckpts[-1]),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    out = Path(predicted.trainer.log_dir) / "predictions"
+    assert sorted(p.name for p in out.iterdir()) == ["ct_seg.pt", "fl_objects.pt", "xr_det.pt", "xr_grade.pt"]
+    probs = torch.load(out / "xr_grade.pt", weights_only=True)
+    assert probs.shape == (8, 3)  # 8 test images, 3 classes
+    torch.testing.assert_close(probs.sum(1), torch.ones(8))
+    masks = torch.load(out / "ct_seg.pt", weights_only=True)
+    assert masks.shape == (8, 64, 64) and masks.dtype == torch.int64 and int(masks.max()) < 5
+    detections = torch.load(out / "xr_det.pt", weights_only=True)
+    assert len(detections) == 8 and set(detections[0]) == {"boxes", "scores", "labels"}
+
 
 def test_cli_run_false_builds_model_and_data_from_yaml():
     cli = main(["-c", str(CONF)], run=False)

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 from umedpt.data.datamodule import MultiTaskDataModule  # noqa: E402
 from umedpt.module import MultiTaskModule  # noqa: E402
+from umedpt.predict import TaskPredictionWriter  # noqa: E402
 
 
 class UMedPTCLI(LightningCLI):
@@ -43,6 +44,8 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> UMedPTCLI:
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            # always present (not configurable): predict writes one file per task
+            trainer_defaults={"callbacks": [TaskPredictionWriter()]},
         )
     finally:
         sys.argv = argv
