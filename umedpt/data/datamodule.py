@@ -13,6 +13,13 @@ from umedpt.data.loading import EpochShuffleSampler, collate_cases
 from umedpt.tasks import Task, as_task, check_unique, import_class
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: dataset splits each Lightning stage needs
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
 
 
 class MultiTaskDataModule(LightningDataModule):
@@ -86,10 +93,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         check_unique(self.tasks)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[
-            stage
-        ]
-        for split in wanted:
+        for split in STAGE_SPLITS[stage]:
             for task in self.tasks:
                 if task.name not in self.datasets[split]:
                     self.datasets[split][task.name] = self.build_dataset(task, split)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler, default_collate
 
@@ -49,7 +50,9 @@ class EpochShuffleSampler(Sampler[int]):
         self._passes = 0
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self._passes)) & 0x7FFFFFFF)
+        # SeedSequence mixes the three numbers the same way on every Python version and platform
+        state = np.random.SeedSequence([self.seed, self.epoch, self._passes]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
         self._passes += 1
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
