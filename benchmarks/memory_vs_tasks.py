@@ -1,13 +1,20 @@
-"""Peak memory of one training step versus the number of tasks: umedpt loop vs naive loop.
+"""Peak memory of training versus the number of tasks: umedpt loop vs naive loop.
 
 umedpt's loop runs forward + backward task by task, so only one task's activations are alive at
 a time. The naive loop forwards every task, sums the losses and runs one backward, so all
-activations are alive together. Each point runs in a fresh subprocess (peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA); the memory of the training steps is reported
-above the baseline of the built model and loaded batches (so it holds gradients, optimizer
-state and the activations).
+activations are alive together. Each point builds the model with exactly ``T`` tasks (heads,
+gradients and optimizer state grow with ``T`` in both loops) in a fresh subprocess and runs
+``--steps`` optimizer steps. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and,
+on CPU, the peak resident set size above the process's size once the libraries are imported
+(so it holds the model, gradients, AdamW state, the batches and the activations), with glibc's
+mmap threshold fixed so that freed buffers leave the RSS.
 
-    python benchmarks/memory_vs_tasks.py                        # quick encoder, 64 px, CPU
+The task order interleaves the kinds (segmentation, detection, classification, multi-label,
+...), led by the single task with the largest peak (measured first), so ``peak(T) / peak(1)`` is
+the memory price of adding tasks to the most demanding one.
+
+    python benchmarks/memory_vs_tasks.py                          # quick recipe, CPU
+    python benchmarks/memory_vs_tasks.py --recipe full            # swin_tiny, 224 px, CPU
     python benchmarks/memory_vs_tasks.py --recipe full --device cuda
 
 Writes ``benchmarks/results/memory_vs_tasks_<recipe>_<device>.json`` and prints a table.
@@ -16,129 +23,140 @@ Writes ``benchmarks/results/memory_vs_tasks_<recipe>_<device>.json`` and prints 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from common import (
+    ROOT,
+    build_model,
+    device_name,
+    fixed_batches,
+    markdown_table,
+    peak_rss_mb,
+    recipe_tasks,
+    rss_mb,
+    write_result,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"quick": ["configs/umedpt.yaml", "configs/quick.yaml"], "full": ["configs/umedpt.yaml"]}
+KIND_ORDER = ("segmentation", "detection", "classification", "multilabel")
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def worker(recipe: str, num_tasks: int, mode: str, device: str, steps: int) -> dict[str, Any]:
-    """Build the first ``num_tasks`` tasks of the recipe, run ``steps`` steps, return memory figures."""
+def worker(recipe: str, names: list[str], mode: str, device: str, steps: int) -> dict[str, Any]:
+    """Build a model with the tasks ``names``, run ``steps`` steps in ``mode``, return memory figures."""
     import torch
 
-    from umedpt.cli import main
-    from umedpt.data.loading import collate_cases
+    from umedpt.module import warmup_cosine  # noqa: F401  (import the stack before the baseline)
 
-    args = [a for c in CONFIGS[recipe] for a in ("-c", str(ROOT / c))]
-    cli = main([*args, "--data.dataset_defaults.num_samples", "64"], run=False)
-    model = cli.model.to(device)
-    names = model.task_names[:num_tasks]
-    cli.datamodule.tasks = [t for t in cli.datamodule.tasks if t.name in names]
-    cli.datamodule.setup("fit")
-
-    def to_device(value: Any) -> Any:
-        if torch.is_tensor(value):
-            return value.to(device)
-        return [to_device(v) for v in value] if isinstance(value, list) else value
-
-    batches = {}
-    for name in names:
-        dataset = cli.datamodule.datasets["train"][name]
-        case = collate_cases([dataset[i] for i in range(model.tasks[name].batch_size)])
-        batches[name] = {k: to_device(v) for k, v in case.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    # baseline before the first step: freed activations stay in the CPU heap, so a later
-    # baseline would hide them; gradients and optimizer state count in both modes alike
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    else:
-        baseline = rss_mb()
-    start = time.perf_counter()
+        torch.cuda.init()
+    torch.set_flush_denormal(True)  # as MultiTaskModule does while fitting on CPU
+    base = rss_mb()
+    batches = fixed_batches(recipe, names, 1, device)[0]
+    batch_mb = sum(b["image"].numel() * 4 for b in batches.values()) / 2**20
+    model = build_model(recipe, names).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer, _ = model.build_optimizer(steps)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     for _ in range(steps):
-        optimizer.zero_grad(set_to_none=False)
-        if mode == "umedpt":
-            model.accumulate(batches)
-        else:
-            sum(model.task_loss(n, batches[n]) for n in names).backward()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            if mode == "umedpt":
+                model.accumulate(batches)
+            else:
+                sum(model.task_loss(n, batches[n]) for n in names).backward()
         optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - base
+    # fp32 parameters, gradients and the two AdamW moments
+    state_mb = 4 * 4 * params / 2**20
     return {
-        "tasks": num_tasks,
+        "tasks": len(names),
         "mode": mode,
-        "baseline_mb": round(baseline, 1),
+        "params_m": round(params / 1e6, 3),
         "peak_mb": round(peak, 1),
-        "step_mb": round(peak - baseline, 1),
-        "step_s": round((time.perf_counter() - start) / steps, 3),
+        "state_mb": round(state_mb, 1),
+        "batch_mb": round(batch_mb, 1),
+        "activations_mb": round(peak - state_mb - batch_mb, 1),
+        "last_step_s": round(step_s, 3),
     }
+
+
+def run_point(args: argparse.Namespace, names: list[str], mode: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--recipe", args.recipe, "--device", args.device,
+           "--steps", str(args.steps), "--worker", mode, *names]  # fmt: skip
+    # a fixed mmap threshold makes glibc return every freed tensor buffer to the OS, so the
+    # peak RSS counts live memory (as CUDA's max_memory_allocated does), not the heap's caching
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    if done.returncode:
+        raise SystemExit(f"worker {len(names)} tasks / {mode} failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(row, flush=True)
+    return row
+
+
+def task_order(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
+    """Interleave the kinds, led by the kind whose first task has the largest single-task peak."""
+    tasks = recipe_tasks(args.recipe)
+    by_kind = {k: [t.name for t in tasks if t.kind == k] for k in KIND_ORDER}
+    single = {k: run_point(args, names[:1], "umedpt")["peak_mb"] for k, names in by_kind.items() if names}
+    kinds = sorted(single, key=single.get, reverse=True)
+    order = [n for group in itertools.zip_longest(*(by_kind[k] for k in kinds)) for n in group if n]
+    return order, single
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--recipe", choices=sorted(CONFIGS), default="quick")
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=["quick", "full"], default="quick")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 4, 8, 17])
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--worker", nargs=2, metavar=("NUM_TASKS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-naive-tasks", type=int, default=None,
+                        help="skip naive points above this many tasks (their activations exceed memory)")  # fmt: skip
+    parser.add_argument("--worker", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.recipe, int(args.worker[0]), args.worker[1], args.device, args.steps)))
+        mode, *names = args.worker
+        print(json.dumps(worker(args.recipe, names, mode, args.device, args.steps)))
         return
 
+    order, single = task_order(args)
+    print(f"single-task peak MiB by kind: {single}; task order: {order}")
     rows = []
     for num_tasks in args.tasks:
         for mode in ("umedpt", "naive"):
-            cmd = [sys.executable, __file__, "--recipe", args.recipe, "--device", args.device,
-                   "--steps", str(args.steps), "--worker", str(num_tasks), mode]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-            if done.returncode:
-                raise SystemExit(f"worker {num_tasks} tasks / {mode} failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-
-    first = {r["mode"]: r for r in rows if r["tasks"] == args.tasks[0]}
-    print(f"\n{'tasks':>5} {'mode':>7} {'step MiB':>9} {'ratio':>6} {'peak MiB':>9} {'s/step':>7}")
+            if mode == "naive" and args.max_naive_tasks is not None and num_tasks > args.max_naive_tasks:
+                continue
+            rows.append(run_point(args, order[:num_tasks], mode))
+    first = {r["mode"]: r["peak_mb"] for r in rows if r["tasks"] == args.tasks[0]}
     for r in rows:
-        r["ratio_to_first"] = round(r["step_mb"] / max(first[r["mode"]]["step_mb"], 1e-6), 3)
-        print(f"{r['tasks']:>5} {r['mode']:>7} {r['step_mb']:>9.1f} {r['ratio_to_first']:>6.2f} "
-              f"{r['peak_mb']:>9.1f} {r['step_s']:>7.3f}")  # fmt: skip
-    import torch
-
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    out = ROOT / "benchmarks" / "results" / f"memory_vs_tasks_{args.recipe}_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "memory_vs_tasks",
-        "recipe": args.recipe,
-        "device": device_name,
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten {out.relative_to(ROOT)}")
+        r["ratio_to_first"] = round(r["peak_mb"] / first[r["mode"]], 3)
+    table = markdown_table(
+        ["tasks", "loop", "peak MiB", f"peak / peak(T={args.tasks[0]})", "state MiB", "activations MiB", "last step s"],
+        [[r["tasks"], r["mode"], r["peak_mb"], f"{r['ratio_to_first']:.2f}", r["state_mb"],
+          r["activations_mb"], r["last_step_s"]] for r in rows],  # fmt: skip
+    )
+    print("\n" + table)
+    write_result(
+        f"memory_vs_tasks_{args.recipe}_{args.device}",
+        {
+            "benchmark": "memory_vs_tasks",
+            "recipe": args.recipe,
+            "device": device_name(args.device),
+            "steps": args.steps,
+            "single_task_peak_mb": single,
+            "task_order": order,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

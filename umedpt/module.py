@@ -115,6 +115,8 @@ class MultiTaskModule(LightningModule):
         self.val_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
         self.test_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
         self.eval_losses = nn.ModuleDict({n: MeanMetric() for n in self.tasks})
+        # (event, task names, loss values on the host, step) of finiteness checks in flight
+        self._pending_checks: list[tuple[Any, list[str], Tensor, int]] = []
         self.save_hyperparameters(
             {
                 "tasks": [t.to_dict() for t in task_list],
@@ -195,12 +197,37 @@ class MultiTaskModule(LightningModule):
         return losses
 
     def _check_finite(self, losses: dict[str, Tensor]) -> None:
-        finite = torch.isfinite(torch.stack(list(losses.values())))
+        """Raise :class:`NonFiniteLossError` for a NaN/inf task loss.
+
+        On CPU the check is immediate. On an accelerator it does not stall the host: the flags
+        are copied without blocking and checked once they have arrived (at a later step at the
+        latest when fit ends), so the error may name a step a little before the current one.
+        """
+        values = torch.stack(list(losses.values())).float()
+        names, step = list(losses), self.global_step
+        if values.device.type == "cpu":
+            self._raise_if_nonfinite(names, values, step)
+            return
+        pending = values.to("cpu", non_blocking=True)
+        event = torch.Event(values.device)
+        event.record()
+        self._pending_checks.append((event, names, pending, step))
+        self._poll_finite_checks(wait=False)
+
+    def _poll_finite_checks(self, wait: bool) -> None:
+        while self._pending_checks and (wait or self._pending_checks[0][0].query()):
+            event, names, values, step = self._pending_checks.pop(0)
+            event.synchronize()
+            self._raise_if_nonfinite(names, values, step)
+
+    @staticmethod
+    def _raise_if_nonfinite(names: list[str], values: Tensor, step: int) -> None:
+        finite = torch.isfinite(values)
         if not bool(finite.all()):
-            bad = [n for n, ok in zip(losses, finite.tolist(), strict=True) if not ok]
+            bad = {n: float(v) for n, v, ok in zip(names, values.tolist(), finite.tolist(), strict=True) if not ok}
             raise NonFiniteLossError(
-                f"non-finite loss in task(s) {bad} at step {self.global_step} "
-                f"({ {n: losses[n].item() for n in bad} }); set model.nonfinite=skip to drop such batches"
+                f"non-finite loss in task(s) {list(bad)} at step {step} ({bad}); "
+                "set model.nonfinite=skip to drop such batches"
             )
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
@@ -271,7 +298,8 @@ class MultiTaskModule(LightningModule):
         return {"task": name, "prediction": head.predict(head(self.encoder(image), tuple(image.shape[-2:])))}
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
+    def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        """AdamW over the encoder and every head (``lr * lr_factor``), and the per-step schedule."""
         hp = self.hparams
         groups = param_groups_weight_decay(self.encoder, hp.weight_decay)
         for group in groups:
@@ -280,10 +308,14 @@ class MultiTaskModule(LightningModule):
             for group in param_groups_weight_decay(head, hp.weight_decay):
                 group["lr"] = hp.lr * self.tasks[name].lr_factor
                 groups.append(group)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # fused: one kernel per step, no temporaries the size of the parameters (foreach has them)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
+        total = max(1, total_steps)
         warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
-        scheduler = LambdaLR(optimizer, warmup_cosine(max(1, warmup), total, hp.min_lr_ratio))
+        return optimizer, LambdaLR(optimizer, warmup_cosine(max(1, warmup), total, hp.min_lr_ratio))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints and export
@@ -293,6 +325,9 @@ class MultiTaskModule(LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.flush_denormal and self.device.type == "cpu":
             torch.set_flush_denormal(True)
+
+    def on_train_end(self) -> None:
+        self._poll_finite_checks(wait=True)
 
     def on_fit_end(self) -> None:
         if self.hparams.flush_denormal and self.device.type == "cpu":

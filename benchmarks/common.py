@@ -1,0 +1,140 @@
+"""Shared pieces of the benchmark scripts: recipes, models, batches, memory readings, results.
+
+A *recipe* is the model and data of a config stack (``quick``: ``configs/umedpt.yaml`` +
+``configs/quick.yaml``; ``full``: ``configs/umedpt.yaml``), read with OmegaConf so a benchmark
+can build the model for any subset of the recipe's tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RECIPES: dict[str, list[str]] = {
+    "quick": ["configs/umedpt.yaml", "configs/quick.yaml"],
+    "full": ["configs/umedpt.yaml"],
+}
+
+
+def load_recipe(recipe: str) -> dict[str, Any]:
+    """The merged YAML of a recipe as a plain dict (keys ``trainer``, ``model``, ``data``)."""
+    from omegaconf import OmegaConf
+
+    if recipe not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    merged = OmegaConf.merge(*[OmegaConf.load(ROOT / c) for c in RECIPES[recipe]])
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def recipe_tasks(recipe: str) -> list[Any]:
+    """The recipe's task specs (:class:`umedpt.Task`)."""
+    from umedpt.tasks import as_task
+
+    return [as_task(t) for t in load_recipe(recipe)["model"]["tasks"]]
+
+
+def build_model(recipe: str, names: list[str] | None = None, **overrides: Any) -> Any:
+    """The recipe's :class:`umedpt.MultiTaskModule` with only the tasks ``names`` (default all)."""
+    from umedpt import MultiTaskModule, SwinEncoder
+
+    cfg = load_recipe(recipe)["model"]
+    tasks = [t for t in recipe_tasks(recipe) if names is None or t.name in names]
+    encoder = SwinEncoder(**cfg.get("encoder", {}).get("init_args", {}))
+    kwargs = {k: v for k, v in cfg.items() if k not in ("tasks", "encoder")}
+    kwargs.update(export_encoder=False)
+    kwargs.update(overrides)
+    return MultiTaskModule(tasks=tasks, encoder=encoder, **kwargs)
+
+
+def build_datamodule(recipe: str, names: list[str] | None = None, **overrides: Any) -> Any:
+    """The recipe's :class:`MultiTaskDataModule` for the tasks ``names`` (default all)."""
+    from umedpt.data import MultiTaskDataModule
+
+    cfg = dict(load_recipe(recipe).get("data", {}))
+    cfg.update(overrides)
+    tasks = [t for t in recipe_tasks(recipe) if names is None or t.name in names]
+    return MultiTaskDataModule(tasks=tasks, **cfg)
+
+
+def to_device(value: Any, device: str | torch.device) -> Any:
+    """Move tensors (also inside lists and dicts) to ``device``."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    return value
+
+
+def fixed_batches(recipe: str, names: list[str], steps: int, device: str = "cpu", seed: int = 0) -> list[dict]:
+    """``steps`` training batches ``{task: task_batch}`` of the recipe, built once, on ``device``."""
+    from umedpt.data.loading import collate_cases
+
+    datamodule = build_datamodule(recipe, names, seed=seed)
+    batches = []
+    for step in range(steps):
+        batch = {}
+        for task in datamodule.tasks:
+            dataset = datamodule.build_dataset(task, "train")
+            start = step * task.batch_size
+            idx = [(start + i) % len(dataset) for i in range(task.batch_size)]
+            batch[task.name] = collate_cases([dataset[i] for i in idx])
+        batches.append(to_device(batch, device))
+    return batches
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_name(device: str) -> str:
+    """Human-readable device name for the results."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with the date and software versions added."""
+    import lightning
+    import timm
+
+    result = {
+        "benchmark": result.get("benchmark", name),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        **result,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten {path.relative_to(ROOT)}")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
