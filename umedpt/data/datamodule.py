@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
@@ -39,6 +39,10 @@ class MultiTaskDataModule(LightningDataModule):
             task's training batch size.
         pin_memory: pin host memory (useful on GPU).
         seed: seed of the training shuffles (each task gets its own stream).
+        check: data check when a split is built, for datasets that support it (the file readers
+            of :mod:`umedpt.data.readers`): ``quick`` checks the declarations (files exist, labels
+            in range, boxes valid), ``full`` also decodes every sample, ``off`` skips it. A split
+            with errors stops the run, naming the first ones; ``umedpt data check`` lists all.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class MultiTaskDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
         seed: int = 0,
+        check: Literal["quick", "full", "off"] = "quick",
     ) -> None:
         super().__init__()
         self.tasks = [as_task(t) for t in tasks or []]
@@ -59,10 +64,13 @@ class MultiTaskDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.pin_memory = pin_memory
         self.seed = seed
+        if check not in ("quick", "full", "off"):
+            raise ValueError(f"MultiTaskDataModule: check must be 'quick', 'full' or 'off', got {check!r}")
+        self.check = check
         self.datasets: dict[str, dict[str, Dataset]] = {split: {} for split in SPLITS}
 
-    def build_dataset(self, task: Task, split: str) -> Dataset:
-        """Instantiate ``task.data`` for ``split`` with clear errors naming the task."""
+    def instantiate_dataset(self, task: Task, split: str) -> Dataset:
+        """Instantiate ``task.data`` for ``split`` (with ``dataset_defaults``); errors name the task."""
         if task.data is None:
             raise ValueError(
                 f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec"
@@ -74,21 +82,46 @@ class MultiTaskDataModule(LightningDataModule):
             if key in accepted and key not in init_args:
                 init_args[key] = value
         try:
-            dataset = cls(split=split, **init_args)
+            return cls(split=split, **init_args)
         except (TypeError, ValueError, FileNotFoundError, IndexError) as err:
             raise type(err)(f"task {task.name!r} ({split} split): {err}") from err
+
+    @staticmethod
+    def spec_errors(task: Task, split: str, dataset: Dataset) -> list[str]:
+        """What makes ``dataset`` unusable as the ``split`` of ``task`` (size, classes, kind)."""
         size = len(dataset)
         if size == 0:
-            raise ValueError(f"task {task.name!r}: the {split} split is empty")
+            return [f"task {task.name!r}: the {split} split is empty"]
+        errors = []
         ds_classes = getattr(dataset, "num_classes", task.num_classes)
         if ds_classes != task.num_classes:
-            raise ValueError(
+            errors.append(
                 f"task {task.name!r}: num_classes={task.num_classes} but its {split} dataset has {ds_classes} classes"
             )
+        ds_kind = getattr(dataset, "kind", task.kind)
+        if ds_kind != task.kind:
+            errors.append(f"task {task.name!r}: kind={task.kind!r} but its {split} dataset is {ds_kind!r}")
         if split == "train" and size < task.batch_size:
-            raise ValueError(
+            errors.append(
                 f"task {task.name!r}: train split has {size} samples, fewer than batch_size={task.batch_size}"
             )
+        return errors
+
+    def build_dataset(self, task: Task, split: str) -> Dataset:
+        """Instantiate ``task.data`` for ``split``, check it, with clear errors naming the task."""
+        dataset = self.instantiate_dataset(task, split)
+        errors = self.spec_errors(task, split, dataset)
+        if errors:
+            raise ValueError(errors[0])
+        problems = getattr(dataset, "problems", None)
+        if self.check != "off" and callable(problems):
+            found = [p for p in problems(deep=self.check == "full") if p.severity == "error"]
+            if found:
+                first = "; ".join(str(p) for p in found[:3])
+                raise ValueError(
+                    f"task {task.name!r} ({split} split): {len(found)} data error(s), first: {first}. "
+                    "`umedpt data check -c <config>` lists them all"
+                )
         return dataset
 
     def setup(self, stage: str) -> None:

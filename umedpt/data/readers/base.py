@@ -1,0 +1,451 @@
+"""The common machinery of every file reader: items, validation, normalisation, transforms.
+
+A reader only lists its samples as :class:`Item` objects (file paths plus the declared targets)
+and, when its pixels do not come from one file per sample, overrides :meth:`FileDataset.read`
+and :meth:`FileDataset.read_mask`. Everything else is shared:
+
+* :meth:`FileDataset.entry_problems`: checks that need no decoding (files exist, labels in
+  range, boxes valid and inside the declared image size);
+* :meth:`FileDataset.sample_problems`: checks on decoded pixels (mask size and values, boxes
+  inside the real image);
+* :meth:`FileDataset.__getitem__`: read at full depth, check, normalise to [0, 1], resize and
+  augment (:class:`~umedpt.data.transforms.CaseTransform`), standardise, and return the case dict
+  the heads consume;
+* :meth:`FileDataset.inspect`: what the data checker needs per sample (problems, size, type, hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from umedpt.data.normalize import Normalization, NormalizationSpec
+from umedpt.data.readers.image_io import ImageMeta, load_image, read_image
+from umedpt.data.readers.problems import DataError, Problem, errors_only
+from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
+
+__all__ = ["BOX_TOLERANCE", "KINDS", "FileDataset", "Item", "ItemReport", "Kind", "Sample", "SPLITS"]
+
+Kind = Literal["classification", "multilabel", "segmentation", "detection"]
+KINDS: tuple[str, ...] = ("classification", "multilabel", "segmentation", "detection")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: message of a problem for a file that does not exist
+MISSING = "file not found"
+#: boxes may exceed the image by this many pixels (rounding in annotation tools); they are clipped
+BOX_TOLERANCE = 1.0
+
+
+@dataclass
+class Item:
+    """One sample as declared by its source, before any pixel is read.
+
+    Attributes:
+        image: the image file, or a description of an array element (``file.npz:train_images[3]``).
+        label: classification: class index; multilabel: (K,) 0/1 vector.
+        mask: segmentation: the mask file.
+        boxes: detection: (n, 4) float32 ``xyxy`` pixels (x2, y2 exclusive).
+        box_labels: detection: (n,) int64 class indices.
+        box_ids: detection: a name per box for messages (e.g. ``annotation 17``); default ``box <k>``.
+        size: (H, W) declared by the annotations, when they declare one.
+        where: where the annotation lives (e.g. ``labels.csv row 7``), when not in the image file.
+        on_disk: ``image`` and ``mask`` are files whose existence can be checked.
+        invalid: ``(field, message)`` of declarations that could not be parsed (e.g. an unknown class name).
+    """
+
+    image: str
+    label: int | np.ndarray | None = None
+    mask: str | None = None
+    boxes: np.ndarray | None = None
+    box_labels: np.ndarray | None = None
+    box_ids: list[str] | None = None
+    size: tuple[int, int] | None = None
+    where: str | None = None
+    on_disk: bool = True
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Sample:
+    """A sample's pixels at full depth: the image with its display metadata and the class-index mask."""
+
+    image: np.ndarray
+    meta: ImageMeta = field(default_factory=ImageMeta)
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class ItemReport:
+    """What :meth:`FileDataset.inspect` finds about one sample.
+
+    Attributes:
+        index: the sample index in its split.
+        source: the image (file or array element).
+        problems: everything wrong with the sample.
+        shape: shape of the stored image (None when unreadable).
+        dtype: pixel type of the stored image.
+        value_range: smallest and largest stored value.
+        digest: hash of the stored pixels (duplicate detection).
+        class_counts: per class: 1/0 for (multi-)labels, pixels for masks, boxes for detection.
+    """
+
+    index: int
+    source: str
+    problems: list[Problem] = field(default_factory=list)
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    value_range: tuple[float, float] | None = None
+    digest: str | None = None
+    class_counts: np.ndarray | None = None
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """Hash of an array's type, shape and values: equal pixels give equal digests."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.dtype.str}{image.shape}".encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+class FileDataset(Dataset):
+    """Base class of the file readers: one task's samples of one split, as umedpt case dicts.
+
+    Subclasses set :attr:`items`, then call :meth:`set_classes`. Items are ``image`` float32
+    (C, H, W) standardised, plus ``label`` (int, or float32 (K,) multi-hot), ``mask`` int64 (H, W)
+    with ``ignore_index``, or ``boxes`` float32 (n, 4) ``xyxy`` and ``box_labels`` int64 (n,).
+
+    Args:
+        split: ``train``, ``val`` or ``test``; only ``train`` is augmented.
+        kind: the task kind the reader serves.
+        image_size: side of the square images returned; None keeps each image's own size.
+        transform: augmentation preset (see :mod:`umedpt.data.transforms`), a list of
+            albumentations specs, or None.
+        normalize: intensity normalisation (see :mod:`umedpt.data.normalize`).
+        channels: channels of the returned images, 1 or 3 (grey is repeated, RGB converted to luminance,
+            alpha dropped).
+        resize: ``stretch`` or ``letterbox``.
+        ignore_index: mask value that marks unlabelled pixels (segmentation).
+    """
+
+    def __init__(
+        self,
+        split: str,
+        kind: Kind,
+        image_size: int | None = 224,
+        transform: TransformSpec = "none",
+        normalize: NormalizationSpec = "auto",
+        channels: int = 3,
+        resize: ResizeMode = "stretch",
+        ignore_index: int = 255,
+    ) -> None:
+        name = type(self).__name__
+        if split not in SPLITS:
+            raise ValueError(f"{name}: split must be one of {list(SPLITS)}, got {split!r}")
+        if kind not in KINDS:
+            raise ValueError(f"{name}: kind must be one of {list(KINDS)}, got {kind!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"{name}: channels must be 1 or 3, got {channels}")
+        self.split = split
+        self.kind: str = kind
+        self.channels = channels
+        self.image_size = image_size
+        self.ignore_index = ignore_index
+        self.normalization = Normalization.from_spec(normalize)
+        #: pipeline per channel count of the stored image: grey images are augmented as grey
+        #: (no colour jitter) and repeated to ``channels`` afterwards, which is also cheaper
+        self.transforms = {
+            c: CaseTransform(transform, image_size, train=split == "train", boxes=kind == "detection",
+                             resize=resize, channels=c)
+            for c in (1, 3)
+        }
+        self.items: list[Item] = []
+        #: problems of the whole split found while listing it (e.g. unused manifest rows)
+        self.notes: list[Problem] = []
+        self.num_classes = 0
+        self.class_names: list[str] = []
+
+    def set_classes(self, num_classes: int | None, class_names: Sequence[str] | None) -> None:
+        """Set :attr:`num_classes` and :attr:`class_names` (default names ``"0"``, ``"1"``, ...)."""
+        name = type(self).__name__
+        if num_classes is None:
+            if class_names is None:
+                raise ValueError(f"{name}: give num_classes or class_names")
+            num_classes = len(class_names)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{name}: {len(class_names)} class_names for num_classes={num_classes}")
+        if num_classes < 1:
+            raise ValueError(f"{name}: num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.class_names = [str(c) for c in class_names] if class_names is not None else [
+            str(i) for i in range(num_classes)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # ---------------------------------------------------------------- reading
+    def source(self, i: int) -> str:
+        """The image of sample ``i`` (file path or array element)."""
+        return self.items[i].image
+
+    def mask_source(self, i: int) -> str:
+        """The mask of sample ``i`` (its file, or the image when the sample has none)."""
+        return self.items[i].mask or self.source(i)
+
+    def read(self, i: int) -> tuple[np.ndarray, ImageMeta]:
+        """The stored image of sample ``i`` at full depth and its display metadata."""
+        return load_image(self.items[i].image)
+
+    def read_mask(self, i: int) -> np.ndarray:
+        """The stored mask of sample ``i`` (before any value mapping)."""
+        path = self.items[i].mask
+        if path is None:
+            raise DataError.of(self.source(i), "mask", "the sample has no mask file", index=i)
+        return read_image(path)
+
+    def mask_classes(self, i: int, stored: np.ndarray) -> tuple[np.ndarray, list[Problem]]:
+        """Class-index mask (int64) from the stored mask, and the problems of its values.
+
+        Subclasses with a value mapping (e.g. 0/255 masks) override this.
+        """
+        where = self.mask_source(i)
+        problems = []
+        if stored.dtype.kind == "f" and not np.array_equal(stored, np.round(stored)):
+            problems.append(Problem(where, "mask", "has non-integer values; masks must hold class indices", index=i))
+        return stored.astype(np.int64), problems
+
+    def load(self, i: int) -> tuple[Sample, list[Problem]]:
+        """The sample's pixels and the problems found on them; raises :class:`DataError` if unreadable."""
+        image, meta = self.read(i)
+        problems: list[Problem] = []
+        mask = None
+        if self.kind == "segmentation":
+            stored = self.read_mask(i)
+            where = self.mask_source(i)
+            if stored.ndim == 3 and (stored == stored[..., :1]).all():
+                stored = stored[..., 0]
+            if stored.ndim != 2:
+                problems.append(
+                    Problem(where, "mask", f"has {stored.shape[-1]} different channels; class-index masks "
+                            "are single-channel", index=i)
+                )
+            else:
+                mask, problems = self.mask_classes(i, stored)
+        sample = Sample(image, meta, mask)
+        return sample, problems + self.sample_problems(i, sample)
+
+    def raw(self, i: int) -> Sample:
+        """Sample ``i`` at full depth (no normalisation); raises :class:`DataError` on any error."""
+        errors = errors_only(self.entry_problems(i))
+        if not errors:
+            sample, problems = self.load(i)
+            errors = errors_only(problems)
+        if errors:
+            raise DataError(str(errors[0]), errors[0])
+        return sample
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """The case dict of sample ``i``; a :class:`DataError` names the file and field of a bad sample."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"index must be an integer, got {i!r}")
+        if not 0 <= i < len(self):
+            raise IndexError(f"index must be in [0, {len(self)}), got {i}")
+        i = int(i)
+        sample = self.raw(i)
+        item = self.items[i]
+        image = self._to_channels(self.normalization.to_unit(sample.image, sample.meta))
+        transform = self.transforms[image.shape[-1]]
+        mask = None
+        if sample.mask is not None:
+            mask = np.where(sample.mask == self.ignore_index, MASK_FILL, sample.mask).astype(np.uint16)
+        boxes = None
+        if self.kind == "detection":
+            h, w = image.shape[:2]
+            boxes = np.clip(item.boxes, 0, [w, h, w, h]).astype(np.float32)
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if transform.random else None
+        out = transform(image, mask, boxes, item.box_labels, seed=seed)
+        image = out["image"]
+        if image.shape[-1] != self.channels:
+            image = np.repeat(image, self.channels, axis=-1)
+        image = self.normalization.standardize(image)
+        case: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+        if self.kind == "segmentation":
+            m = out["mask"].astype(np.int64)
+            case["mask"] = torch.from_numpy(np.where(m == MASK_FILL, self.ignore_index, m))
+        elif self.kind == "detection":
+            case["boxes"] = torch.from_numpy(out["boxes"])
+            case["box_labels"] = torch.from_numpy(out["box_labels"])
+        elif self.kind == "multilabel":
+            case["label"] = torch.as_tensor(item.label, dtype=torch.float32)
+        else:
+            case["label"] = int(item.label)
+        return case
+
+    def _to_channels(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 1) or (H, W, 3): alpha dropped, colour turned to luminance for 1-channel tasks."""
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape[-1] == 4:
+            image = image[..., :3]
+        if self.channels == 1 and image.shape[-1] == 3:
+            return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+        return image
+
+    # ---------------------------------------------------------------- validation
+    def entry_problems(self, i: int) -> list[Problem]:
+        """Problems of sample ``i`` found without decoding: missing files, labels, declared boxes."""
+        item = self.items[i]
+        where = item.where or item.image
+        problems = []
+        if item.on_disk:
+            for fld, path in (("file", item.image), ("mask", item.mask)):
+                if path is not None and not Path(path).is_file():
+                    problems.append(Problem(path, fld, MISSING, index=i))
+        problems += [Problem(where, fld, message, index=i) for fld, message in item.invalid]
+        if item.invalid and self.kind in ("classification", "multilabel"):
+            return problems  # the label could not be parsed
+        if self.kind == "classification":
+            problems += self._label_problems(where, item.label, i)
+        elif self.kind == "multilabel":
+            problems += self._multilabel_problems(where, item.label, i)
+        elif self.kind == "segmentation" and item.mask is None:
+            problems.append(Problem(where, "mask", "no mask for this image", index=i))
+        elif self.kind == "detection":
+            problems += self._box_problems(i, item.size, "image size the annotations declare")
+        return problems
+
+    def sample_problems(self, i: int, sample: Sample) -> list[Problem]:
+        """Problems of sample ``i`` that need its pixels: mask size and values, boxes inside the image."""
+        item = self.items[i]
+        h, w = sample.image.shape[:2]
+        problems = []
+        if sample.mask is not None:
+            where = self.mask_source(i)
+            if sample.mask.shape != (h, w):
+                mh, mw = sample.mask.shape
+                problems.append(
+                    Problem(where, "mask", f"size {mh}x{mw} differs from the image's {h}x{w} ({item.image})", index=i)
+                )
+            bad = (sample.mask >= self.num_classes) | (sample.mask < 0)
+            bad &= sample.mask != self.ignore_index
+            if bad.any():
+                values = np.unique(sample.mask[bad])[:8].tolist()
+                problems.append(
+                    Problem(
+                        where, "mask", f"values {values} are not class indices 0..{self.num_classes - 1} "
+                        f"nor ignore_index={self.ignore_index}", index=i,
+                    )
+                )
+        if self.kind == "detection" and item.size != (h, w):  # declared sizes are checked without pixels
+            if item.size is not None:
+                problems.append(
+                    Problem(item.where or item.image, "size", f"annotations declare {item.size[0]}x{item.size[1]} "
+                            f"but {item.image} is {h}x{w}", index=i)
+                )
+            problems += self._box_problems(i, (h, w), "image")
+        return problems
+
+    def _label_problems(self, where: str, label: Any, i: int) -> list[Problem]:
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+            return [Problem(where, "label", f"{label!r} is not a class index", index=i)]
+        if not 0 <= label < self.num_classes:
+            return [Problem(where, "label", f"{label} is out of range 0..{self.num_classes - 1}", index=i)]
+        return []
+
+    def _multilabel_problems(self, where: str, label: Any, i: int) -> list[Problem]:
+        vector = np.asarray(label)
+        if vector.shape != (self.num_classes,):
+            return [Problem(where, "label", f"has shape {vector.shape}, expected ({self.num_classes},)", index=i)]
+        bad = {self.class_names[k]: float(vector[k]) for k in np.flatnonzero(~np.isin(vector, (0, 1)))}
+        if bad:
+            return [Problem(where, "label", f"multi-label values must be 0 or 1, got {bad}", index=i)]
+        return []
+
+    def _box_problems(self, i: int, size: tuple[int, int] | None, what: str) -> list[Problem]:
+        item = self.items[i]
+        where = item.where or item.image
+        boxes = np.asarray(item.boxes, dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(item.box_labels).reshape(-1)
+        names = item.box_ids or [f"box {k}" for k in range(len(boxes))]
+        problems = []
+        for box, label, name in zip(boxes, labels, names, strict=True):
+            if not np.isfinite(box).all():
+                problems.append(Problem(where, "boxes", f"{name} has non-finite coordinates {box.tolist()}", index=i))
+            elif box[2] <= box[0] or box[3] <= box[1]:
+                problems.append(
+                    Problem(where, "boxes", f"{name} is degenerate (xyxy {box.tolist()}: zero or negative size)", index=i)
+                )
+            elif size is not None and (
+                min(box[0], box[1]) < -BOX_TOLERANCE
+                or box[2] > size[1] + BOX_TOLERANCE
+                or box[3] > size[0] + BOX_TOLERANCE
+            ):
+                problems.append(
+                    Problem(where, "boxes", f"{name} (xyxy {box.tolist()}) lies outside the {what} "
+                            f"({size[0]}x{size[1]})", index=i)
+                )
+            if not 0 <= int(label) < self.num_classes:
+                problems.append(
+                    Problem(where, "box_labels", f"{name} has label {int(label)}, out of range "
+                            f"0..{self.num_classes - 1}", index=i)
+                )
+        return problems
+
+    def inspect(self, i: int) -> ItemReport:
+        """Everything the data checker reports about sample ``i`` (reads and decodes it)."""
+        report = ItemReport(index=i, source=self.source(i), problems=self.entry_problems(i))
+        if any(p.message == MISSING for p in report.problems):
+            return report
+        try:
+            sample, problems = self.load(i)
+        except DataError as err:
+            report.problems.append(err.problem or Problem(self.source(i), "image", str(err), index=i))
+            return report
+        report.problems += problems
+        image = sample.image
+        report.shape, report.dtype = tuple(image.shape), str(image.dtype)
+        report.value_range = (float(image.min()), float(image.max()))
+        report.digest = pixel_digest(image)
+        if sample.mask is not None:
+            valid = sample.mask[(sample.mask >= 0) & (sample.mask < self.num_classes)]
+            report.class_counts = np.bincount(valid.ravel(), minlength=self.num_classes)
+        else:
+            report.class_counts = self.declared_counts(i)
+        return report
+
+    def declared_counts(self, i: int) -> np.ndarray | None:
+        """Per-class counts of sample ``i`` known without decoding, or None.
+
+        1/0 per class for (multi-)labels, boxes per class for detection; None for segmentation
+        (masks must be decoded) or a label that is not valid.
+        """
+        item, c = self.items[i], self.num_classes
+        if item.invalid and self.kind in ("classification", "multilabel"):
+            return None
+        if self.kind == "classification" and not self._label_problems("", item.label, i):
+            return np.bincount([int(item.label)], minlength=c)
+        if self.kind == "multilabel" and not self._multilabel_problems("", item.label, i):
+            return np.asarray(item.label, dtype=np.int64)
+        if self.kind == "detection":
+            labels = np.asarray(item.box_labels, dtype=np.int64).reshape(-1)
+            return np.bincount(labels[(labels >= 0) & (labels < c)], minlength=c)
+        return None
+
+    def problems(self, deep: bool = False) -> list[Problem]:
+        """All problems of the split: from the declarations only, or (``deep``) decoding every sample."""
+        found = list(self.notes)
+        for i in range(len(self)):
+            found += self.inspect(i).problems if deep else self.entry_problems(i)
+        return found
+
+    def describe(self) -> dict[str, Any]:
+        """Reader-specific facts for the checker's report (e.g. a category mapping)."""
+        return {}
+

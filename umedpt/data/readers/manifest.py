@@ -1,0 +1,272 @@
+"""Classification and multi-label data from a CSV manifest or an image folder.
+
+A manifest is a CSV (or TSV) table with one row per image: a path column, label column(s) and,
+unless the file name contains ``{split}``, a split column. Paths are relative to ``root``
+(default: the manifest's directory). The same table helpers serve the segmentation reader.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.readers.base import SPLITS, FileDataset, Item
+from umedpt.data.readers.image_io import IMAGE_SUFFIXES
+from umedpt.data.readers.problems import Problem
+from umedpt.data.transforms import ResizeMode, TransformSpec
+
+__all__ = ["ImageFolderDataset", "ManifestDataset", "Table", "read_table", "split_path"]
+
+#: spellings accepted in a split column
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+
+
+def split_path(path: str | Path, split: str) -> Path:
+    """``path`` with ``{split}`` replaced, or ``path/<split>`` when it has no placeholder."""
+    text = str(path)
+    return Path(text.format(split=split)) if "{split}" in text else Path(text) / split
+
+
+def image_files(directory: Path) -> list[Path]:
+    """The image files directly inside ``directory`` (by suffix), sorted by name."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+
+
+@dataclass
+class Table:
+    """The rows of one split of a manifest.
+
+    Attributes:
+        file: the manifest file the rows come from.
+        columns: the header.
+        rows: ``(line number, row)`` pairs; line 1 is the header.
+        notes: dataset-level problems (e.g. rows whose split value is unknown).
+    """
+
+    file: Path
+    columns: list[str]
+    rows: list[tuple[int, dict[str, str]]]
+    notes: list[Problem]
+
+    def require(self, *columns: str) -> None:
+        """Raise a ``ValueError`` naming the file when a column is missing."""
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise ValueError(f"{self.file}: no column {missing[0]!r}; the columns are {self.columns}")
+
+    def resolve(self, value: str, root: Path) -> str:
+        """A path cell as a path: absolute, or relative to ``root``."""
+        path = Path(value.strip())
+        return str(path if path.is_absolute() else root / path)
+
+
+def _read_rows(file: Path, delimiter: str | None) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    if not file.is_file():
+        raise FileNotFoundError(f"manifest {file} not found")
+    sep = delimiter or ("\t" if file.suffix.lower() in (".tsv", ".tab") else ",")
+    with file.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
+    if not columns:
+        raise ValueError(f"manifest {file} is empty (no header row)")
+    return columns, rows
+
+
+def read_table(
+    manifest: str | Path, split: str, split_column: str = "split", delimiter: str | None = None
+) -> Table:
+    """The rows of ``split``: the file named by ``{split}``, or the rows whose ``split_column`` says so."""
+    text = str(manifest)
+    if "{split}" in text:
+        file = Path(text.format(split=split))
+        columns, rows = _read_rows(file, delimiter)
+        return Table(file, columns, rows, [])
+    file = Path(text)
+    columns, rows = _read_rows(file, delimiter)
+    if split_column not in columns:
+        raise ValueError(
+            f"{file}: no column {split_column!r} to select the {split} split; add one (train/val/test) "
+            "or put {split} in the manifest path (e.g. labels_{split}.csv)"
+        )
+    names = {alias: s for s, aliases in SPLIT_ALIASES.items() for alias in aliases}
+    unknown = sorted({row[split_column] for _, row in rows if row[split_column].lower() not in names})
+    notes = []
+    if unknown and split == "train":  # reported once per task, with the training split
+        notes.append(
+            Problem(str(file), split_column, f"rows with split values {unknown[:5]} belong to no split "
+                    f"(expected {sorted(names)}) and are not used", severity="warning")
+        )
+    chosen = [(n, row) for n, row in rows if names.get(row[split_column].lower()) == split]
+    return Table(file, columns, chosen, notes)
+
+
+def all_rows(manifest: str | Path, delimiter: str | None = None) -> list[dict[str, str]]:
+    """Every row of every split (to infer class names the same way for all splits)."""
+    text = str(manifest)
+    files = [Path(text.format(split=s)) for s in SPLITS] if "{split}" in text else [Path(text)]
+    return [row for f in files if f.is_file() for _, row in _read_rows(f, delimiter)[1]]
+
+
+class ManifestDataset(FileDataset):
+    """Classification or multi-label images listed in a CSV manifest.
+
+    Classification: ``label_column`` holds a class name or an integer class index per row.
+    Multi-label: either ``label_column`` is a list of 0/1 columns (one per class, class names =
+    column names by default), or one column of class names joined by ``separator`` (empty = none).
+
+    Args:
+        manifest: the CSV/TSV file; ``{split}`` in it selects one file per split.
+        split: ``train``, ``val`` or ``test``.
+        kind: ``classification`` or ``multilabel``.
+        root: directory the paths are relative to (default: the manifest's directory).
+        path_column: column of the image paths.
+        label_column: label column, or the list of 0/1 columns of a multi-label task.
+        split_column: column of the split (``train``/``val``/``test``; ``valid``, ``validation``,
+            ``training``, ``testing`` are accepted); unused when the path contains ``{split}``.
+        class_names: class names in label order; None infers them from all rows of all splits
+            (integer labels: ``0 .. max``; names: sorted).
+        num_classes: number of classes when labels are integer indices (to report out-of-range ones).
+        separator: separator of class names in a single multi-label column.
+        delimiter: CSV delimiter (default: tab for ``.tsv``, else comma).
+        image_size, transform, normalize, channels, resize: see
+            :class:`~umedpt.data.readers.base.FileDataset`.
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        split: str = "train",
+        kind: Literal["classification", "multilabel"] = "classification",
+        root: str | None = None,
+        path_column: str = "path",
+        label_column: str | list[str] = "label",
+        split_column: str = "split",
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        separator: str = ";",
+        delimiter: str | None = None,
+        image_size: int | None = 224,
+        transform: TransformSpec = "none",
+        normalize: NormalizationSpec = "auto",
+        channels: int = 3,
+        resize: ResizeMode = "stretch",
+    ) -> None:
+        if kind not in ("classification", "multilabel"):
+            raise ValueError(f"ManifestDataset: kind must be 'classification' or 'multilabel', got {kind!r}")
+        super().__init__(split, kind, image_size, transform, normalize, channels, resize)
+        table = read_table(manifest, split, split_column, delimiter)
+        columns = [label_column] if isinstance(label_column, str) else list(label_column)
+        table.require(path_column, *columns)
+        if kind == "classification" and len(columns) != 1:
+            raise ValueError(f"ManifestDataset: classification reads one label column, got {columns}")
+        if class_names is None and num_classes is None:
+            class_names = self._infer_names(all_rows(manifest, delimiter), columns, kind, separator)
+        self.set_classes(num_classes, class_names)
+        self.notes = table.notes
+        root_dir = Path(root) if root is not None else table.file.parent
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self.items = []
+        for line, row in table.rows:
+            item = Item(image=table.resolve(row[path_column], root_dir), where=f"{table.file.name} line {line}")
+            if kind == "classification":
+                item.label = _class_index(row[columns[0]], index)
+                if item.label is None:
+                    item.invalid.append(
+                        (columns[0], f"{row[columns[0]]!r} is neither a class index nor a class name "
+                         f"{self.class_names[:10]}")
+                    )
+            elif len(columns) > 1:
+                item.label = np.array([_binary(row[c]) for c in columns], dtype=np.float32)
+            else:
+                names = [v.strip() for v in row[columns[0]].split(separator) if v.strip()]
+                unknown = [n for n in names if n not in index]
+                if unknown:
+                    item.invalid.append((columns[0], f"unknown class names {unknown}; known: {self.class_names[:10]}"))
+                item.label = np.isin(self.class_names, names).astype(np.float32)
+            self.items.append(item)
+
+    @staticmethod
+    def _infer_names(
+        rows: list[dict[str, str]], columns: list[str], kind: str, separator: str
+    ) -> list[str]:
+        if kind == "multilabel" and len(columns) > 1:
+            return columns
+        values = [row.get(columns[0], "") for row in rows]
+        if kind == "multilabel":
+            return sorted({v.strip() for value in values for v in value.split(separator) if v.strip()})
+        if values and all(v.lstrip("-").isdigit() for v in values):
+            return [str(i) for i in range(max(int(v) for v in values) + 1)]
+        return sorted(set(values))
+
+
+def _class_index(value: str, index: dict[str, int]) -> int | None:
+    """Class index of a label cell (a class name or an integer), None when it is neither."""
+    if value in index:
+        return index[value]
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _binary(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")
+
+
+class ImageFolderDataset(FileDataset):
+    """Classification images in one folder per class: ``<root>/<split>/<class>/<image>``.
+
+    Args:
+        root: the folder holding the split folders, or a path with ``{split}``.
+        split: ``train``, ``val`` or ``test``.
+        class_names: class folder names in label order; None uses the sorted class folders
+            of all splits.
+        image_size, transform, normalize, channels, resize: see
+            :class:`~umedpt.data.readers.base.FileDataset`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        class_names: Sequence[str] | None = None,
+        image_size: int | None = 224,
+        transform: TransformSpec = "none",
+        normalize: NormalizationSpec = "auto",
+        channels: int = 3,
+        resize: ResizeMode = "stretch",
+    ) -> None:
+        super().__init__(split, "classification", image_size, transform, normalize, channels, resize)
+        directory = split_path(root, split)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"ImageFolderDataset: folder {directory} of the {split} split not found")
+        folders = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        if class_names is None:
+            every = {p.name for s in SPLITS if split_path(root, s).is_dir() for p in split_path(root, s).iterdir()
+                     if p.is_dir()}
+            class_names = sorted(every)
+        extra = sorted(set(folders) - set(class_names))
+        if extra:
+            raise ValueError(f"ImageFolderDataset: folders {extra} in {directory} are not in class_names {list(class_names)}")
+        self.set_classes(None, class_names)
+        self.items = [
+            Item(image=str(path), label=label)
+            for label, name in enumerate(self.class_names)
+            if (directory / name).is_dir()
+            for path in image_files(directory / name)
+        ]
