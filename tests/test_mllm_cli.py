@@ -1,0 +1,77 @@
+"""End to end on CPU through the real CLI: fit, predict (greedy generation) and mllm-evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_ENCODER
+from tests.test_mllm_model import TINY_LLM
+from umedpt.cli import main
+
+CONFIG = Path(__file__).parents[1] / "configs" / "mllm.yaml"
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> str:
+    """configs/mllm.yaml made tiny: small encoder and LM, 64 px, a few synthetic scenes, 8 steps."""
+    override = {
+        "trainer": {
+            "accelerator": "cpu",
+            "precision": "32-true",
+            "max_steps": 8,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+        },
+        "model": {"init_args": {"encoder": TINY_ENCODER, "llm": TINY_LLM, "max_new_tokens": 6}},
+        "data": {
+            "init_args": {
+                "image_size": 64,
+                "batch_size": 4,
+                "num_workers": 0,
+                "synthetic_dir": str(tmp_path / "data"),
+                "synthetic_images": {"train": 4, "val": 1, "test": 1},
+            }
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # predict logs to a new version directory
+def test_fit_predict_and_evaluate(tiny_config):
+    configs = ["-c", str(CONFIG), "-c", tiny_config]
+    fit = main(["fit", *configs])
+    run = Path(fit.trainer.log_dir)
+    metrics = fit.trainer.callback_metrics
+    routed = {key.split("/")[1] for key in metrics if key.startswith("routing/")}
+    assert routed and routed <= {"vqa", "refer", "identify", "caption", "cls"}
+    for task in routed:
+        assert sum(float(metrics[f"routing/{task}/expert_{k}"]) for k in range(5)) == pytest.approx(
+            1.0, abs=1e-4
+        )
+    assert (run / "routing_weights.png").stat().st_size > 1000
+    assert json.loads((run / "routing_weights.json").read_text()).keys() == routed
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+
+    predict = main(["predict", *configs, "--ckpt_path", str(checkpoint)])
+    predictions = Path(predict.trainer.log_dir) / "predictions.jsonl"
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    test_records = (Path(tiny_config).parent / "data" / "test.jsonl").read_text().splitlines()
+    assert len(records) == len(test_records)
+    for r in records:
+        assert isinstance(r["prediction"], str)
+        assert (r["routing"] is None) == (r["task"] == "qa")
+
+    assert main(["mllm-evaluate", str(predictions)]) == 0
+    report = json.loads((predictions.parent / "metrics.json").read_text())
+    assert {row["task"] for row in report["rows"]} == {r["task"] for r in records}
+    assert (predictions.parent / "metrics.md").is_file()

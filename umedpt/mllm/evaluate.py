@@ -1,0 +1,96 @@
+"""``umedpt mllm-evaluate``: score generated answers per task and dataset.
+
+Reads the predictions JSONL written by ``lightning predict`` (:class:`~umedpt.mllm.GenerationWriter`),
+optionally takes the reference answers from an instruction JSONL matched by ``id``, and writes
+``metrics.json`` and ``metrics.md`` (plus ``routing_weights_predict.png`` when the records carry
+routing weights). See :mod:`umedpt.mllm.metrics` for the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from umedpt.mllm.metrics import evaluate_records, markdown_table
+from umedpt.mllm.predictions import read_predictions
+
+
+def _with_references(records: list[dict[str, Any]], references: str | None) -> list[dict[str, Any]]:
+    if references is not None:
+        from umedpt.mllm.data import read_records
+
+        answers = {str(r["id"]): r["answer"] for r in read_records(references)}
+        missing = [r.get("id") for r in records if str(r.get("id")) not in answers]
+        if missing:
+            raise ValueError(
+                f"mllm-evaluate: {len(missing)} predictions have no reference in {references}: {missing[:3]}"
+            )
+        records = [{**r, "answer": answers[str(r["id"])]} for r in records]
+    missing = [r.get("id") for r in records if "answer" not in r]
+    if missing:
+        raise ValueError(
+            f"mllm-evaluate: {len(missing)} predictions have no reference answer (use --references)"
+        )
+    return records
+
+
+def mean_routing(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Mean routing weight per expert for each task, over the records that carry weights."""
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for record in records:
+        weights = record.get("routing")
+        if weights:
+            total = sums.setdefault(record["task"], [0.0] * len(weights))
+            sums[record["task"]] = [a + b for a, b in zip(total, weights, strict=True)]
+            counts[record["task"]] += 1
+    return {task: [v / counts[task] for v in total] for task, total in sums.items()}
+
+
+def evaluate(
+    predictions: str, references: str | None = None, output_dir: str | None = None
+) -> dict[str, Any]:
+    """Score a predictions file; write ``metrics.json``/``metrics.md`` into ``output_dir``; return the report."""
+    records = _with_references(read_predictions(predictions), references)
+    out = Path(output_dir) if output_dir else Path(predictions).parent
+    out.mkdir(parents=True, exist_ok=True)
+    rows = evaluate_records(records)
+    routing = mean_routing(records)
+    report = {"predictions": str(predictions), "rows": rows, "routing": routing}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    table = markdown_table(rows)
+    (out / "metrics.md").write_text(f"# MLLM evaluation of `{predictions}`\n\nScores in %.\n\n{table}")
+    if routing:
+        from umedpt.mllm.plots import plot_routing
+
+        plot_routing(routing, out / "routing_weights_predict.png", title="routing weights (predict)")
+    print(table, end="")
+    print(f"umedpt: metrics written to {out / 'metrics.json'} and {out / 'metrics.md'}")
+    return report
+
+
+def main(args: list[str]) -> int:
+    """Command line of ``umedpt mllm-evaluate``; returns the exit status."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="umedpt mllm-evaluate",
+        description="Score generated answers (BLEU-1..4, ROUGE-1/2/L, token F1, exact match, "
+        "closed-question accuracy, REC IoU and R@0.5) per task and dataset.",
+    )
+    parser.add_argument("predictions", type=str, help="predictions JSONL written by `lightning predict`")
+    parser.add_argument(
+        "--references",
+        type=str | None,
+        default=None,
+        help="instruction JSONL with the reference answers (by id)",
+    )
+    parser.add_argument(
+        "--output_dir", type=str | None, default=None, help="where to write (default: beside the predictions)"
+    )
+    config = parser.parse_args(args)
+    evaluate(config.predictions, config.references, config.output_dir)
+    return 0
