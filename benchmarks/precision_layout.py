@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from common import build_model, device_name, fixed_batches, markdown_table, write_result
 
-OPTIONS = ("fp32", "bf16", "channels_last", "compile", "bf16+compile")
+OPTIONS = ("fp32", "bf16", "channels_last", "compile", "channels_last+compile", "bf16+channels_last")
 
 
 def prepare(model: Any, option: str, device: str) -> tuple[Any, Any]:
     """The model set up for ``option`` and the autocast context factory of its steps."""
     model = copy.deepcopy(model).to(device)
-    if "channels_last" in option:
+    model.hparams.channels_last = "channels_last" in option
+    if model.hparams.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if "compile" in option:
         model.encoder.compile()
@@ -54,12 +55,8 @@ def run_option(base: Any, option: str, batches: list[dict], device: str, warmup:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for name in model.task_names:
-            task_batch = batch[name]
-            if "channels_last" in option:
-                image = task_batch["image"].contiguous(memory_format=torch.channels_last)
-                task_batch = {**task_batch, "image": image}
             with autocast():
-                loss = model.task_loss(name, task_batch)
+                loss = model.task_loss(name, batch[name])
             loss.backward()
             total += float(loss.detach()) if step == 0 else 0.0
         optimizer.step()
@@ -88,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_flush_denormal(True)
-    base = build_model(args.recipe)
+    base = build_model(args.recipe, channels_last=False)
     batches = fixed_batches(args.recipe, base.task_names, args.steps, args.device)
     rows = []
     for option in args.options:

@@ -87,6 +87,27 @@ def other_section() -> str:
     return markdown_table(["benchmark", "setting", "result"], rows) if rows else ""
 
 
+def readers_section() -> str:
+    """Samples/s of one loading process per reader, against what the quick step consumes."""
+    readers = load("data_readers_*.json")
+    consumed = {r["recipe"]: r["consumed_samples_per_s"] for r in load("data_path_*.json")}
+    if not readers:
+        return ""
+    res = readers[0]
+    by_reader: dict[str, dict[int, float]] = {}
+    for row in res["rows"]:
+        by_reader.setdefault(f"{row['reader']} ({row['preset']})", {})[row["image_size"]] = row["samples_per_s"]
+    sizes = sorted({row["image_size"] for row in res["rows"]})
+    table = markdown_table(
+        ["reader (preset)", *[f"samples/s at {s} px" for s in sizes]],
+        [[name, *[rates.get(s, "-") for s in sizes]] for name, rates in by_reader.items()],
+    )
+    note = (f" The quick recipe's step consumes {consumed['quick']:.0f} samples/s on the same CPU."
+            if "quick" in consumed else "")  # fmt: skip
+    return (f"Data readers, ONE loading process each with the modality preset ({res['device']}, "
+            f"{res['date']}; `python benchmarks/data_readers.py`).{note}\n\n{table}")  # fmt: skip
+
+
 def render() -> str:
     memory = load("memory_vs_tasks_*.json")
     if memory:
@@ -104,6 +125,8 @@ def render() -> str:
         memory_section(memory),
         "",
         other_section(),
+        "",
+        readers_section(),
         END,
     ]
     return "\n".join(lines)
