@@ -188,3 +188,30 @@ def test_head_defaults_apply_per_kind_and_task_head_args_win(tasks):
     assert model.heads["xr_det"].fcos.backbone.out_channels == 64
     with pytest.raises(ValueError, match=r"head_defaults: unknown task kinds \['regression'\]"):
         make_module(tasks, head_defaults={"regression": {}})
+
+
+def test_channels_last_layout_gives_the_same_losses_and_gradients(tasks, batch):
+    fast = make_module(tasks)  # channels_last is the default
+    plain = make_module(tasks, channels_last=False)
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+
+    fast_losses, plain_losses = fast.accumulate(batch), plain.accumulate(batch)
+    for name in fast.task_names:
+        torch.testing.assert_close(fast_losses[name], plain_losses[name], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_encoder_compiles_in_place_once(tasks, monkeypatch):
+    model = make_module(tasks, compile_encoder=True)
+    calls = []
+    monkeypatch.setattr(model.encoder, "compile", lambda **kw: calls.append(kw))
+    keys = set(model.state_dict())
+    model.configure_model()
+    model.configure_model()  # fit then test: compiled once
+    assert calls == [{}]
+    assert set(model.state_dict()) == keys
+    assert make_module(tasks).hparams.compile_encoder is False

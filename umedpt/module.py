@@ -60,6 +60,9 @@ class MultiTaskModule(LightningModule):
         export_encoder: write ``<log dir>/encoder/`` (safetensors + JSON) when fit ends.
         channels_last: keep convolution weights and input images in channels-last memory
             layout (Swin's feature maps already are; the heads' convolutions run faster).
+        compile_encoder: compile the encoder with ``torch.compile`` (in place: weights and
+            checkpoints keep their names). Steps get faster after a long first compilation
+            (see ``benchmarks/precision_layout.py``): worth it for long runs only.
         flush_denormal: flush subnormal floats to zero while fitting on CPU (x86 CPUs run
             10-100x slower on them; small detection-head updates produce them).
         seed: seed of the task subset sampling.
@@ -79,6 +82,7 @@ class MultiTaskModule(LightningModule):
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
         channels_last: bool = True,
+        compile_encoder: bool = False,
         flush_denormal: bool = True,
         seed: int = 0,
     ) -> None:
@@ -120,6 +124,7 @@ class MultiTaskModule(LightningModule):
         self.eval_losses = nn.ModuleDict({n: MeanMetric() for n in self.tasks})
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self._encoder_compiled = False
         # (event, task names, loss values on the host, step) of finiteness checks in flight
         self._pending_checks: list[tuple[Any, list[str], Tensor, int]] = []
         self.save_hyperparameters(
@@ -136,6 +141,7 @@ class MultiTaskModule(LightningModule):
                 "nonfinite": nonfinite,
                 "export_encoder": export_encoder,
                 "channels_last": channels_last,
+                "compile_encoder": compile_encoder,
                 "flush_denormal": flush_denormal,
                 "seed": seed,
             }
@@ -328,6 +334,11 @@ class MultiTaskModule(LightningModule):
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.encoder.config
+
+    def configure_model(self) -> None:
+        if self.hparams.compile_encoder and not self._encoder_compiled:
+            self.encoder.compile()
+            self._encoder_compiled = True
 
     def on_fit_start(self) -> None:
         if self.hparams.flush_denormal and self.device.type == "cpu":
