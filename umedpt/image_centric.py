@@ -12,9 +12,7 @@ weighted by ``pseudo_weight``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -110,27 +108,18 @@ class ImageCentricModule(MultiTaskModule):
             loss = head.loss(head(feats, tuple(image_size)), batch) * (weight * n / count)
             total = loss if total is None else total + loss
         if total is None:
-            return self._zero_loss(task_name)
+            return self.zero_loss(task_name)
         return self.loss_scales[task_name] * total
-
-    def encode(self, image: Tensor) -> list[Tensor]:
-        """Encoder features of an image batch, in the module's memory layout (as ``forward_task``)."""
-        if self.hparams.get("channels_last") and image.dim() == 4:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return self.encoder(image)
 
     def task_loss(self, task_name: str, task_batch: dict[str, Any]) -> Tensor:
         """Scaled loss of one task, encoding only the images annotated for it."""
         present, _ = _flags(task_batch, task_batch["image"].shape[0])
         if not bool(present.any()):
-            return self._zero_loss(task_name)
+            return self.zero_loss(task_name)
         if not bool(present.all()):
             task_batch = select_samples(task_batch, present.nonzero().flatten().tolist())
         image = task_batch["image"]
         return self.head_loss(task_name, self.encode(image), image.shape[-2:], task_batch)
-
-    def _zero_loss(self, task_name: str) -> Tensor:
-        return sum(p.sum() for p in self.heads[task_name].parameters()) * 0.0
 
     # ------------------------------------------------------------------ the step
     def image_groups(self, batch: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -140,48 +129,19 @@ class ImageCentricModule(MultiTaskModule):
             groups.setdefault(id(batch[name]["image"]), []).append(name)
         return list(groups.values())
 
-    def accumulate(self, batch: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
-        """Forward and backward per image group (no optimizer step); detached losses per task.
-
-        ``step_mode="per_task"`` runs :meth:`MultiTaskModule.accumulate` instead. Attached to a
-        Trainer, all but the last group's backward skip the DDP gradient synchronisation.
-        """
+    def step_groups(self, batch: dict[str, Any]) -> list[list[str]]:
+        """``image_centric``: tasks grouped by shared images; ``per_task``: one task per group."""
         if self.hparams.step_mode == "per_task":
-            return super().accumulate(batch)
-        groups = self.image_groups(batch)
-        attached = self._trainer is not None
-        optimizer = self.optimizers() if attached else None
-        losses: dict[str, Tensor] = {}
-        for i, group in enumerate(groups):
-            last = i == len(groups) - 1
-            sync = nullcontext() if (last or not attached) else optimizer.toggle_model(sync_grad=False)
-            with sync:
-                image = batch[group[0]]["image"]
-                features = self.encode(image)
-                group_losses = {
-                    name: self._finite_or_zero(
-                        name, self.head_loss(name, features, image.shape[-2:], batch[name])
-                    )
-                    for name in group
-                }
-                total = torch.stack(list(group_losses.values())).sum()
-                if attached:
-                    self.manual_backward(total)
-                else:
-                    total.backward()
-            losses.update({name: loss.detach() for name, loss in group_losses.items()})
-            del features, group_losses, total
-        if self.hparams.nonfinite == "raise":
-            self._check_finite(losses)
-        return losses
+            return super().step_groups(batch)
+        return self.image_groups(batch)
 
-    def _finite_or_zero(self, task_name: str, loss: Tensor) -> Tensor:
-        """With ``nonfinite="skip"``, a non-finite task loss becomes a zero (with a warning)."""
-        if self.hparams.nonfinite != "skip" or bool(torch.isfinite(loss)):
-            return loss
-        warnings.warn(
-            f"task {task_name!r}: non-finite loss {loss.item()} at step {self.global_step}; batch skipped",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return self._zero_loss(task_name)
+    def group_losses(self, group: list[str], batch: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
+        """One encoder pass for the group's shared images, then every head's loss on it."""
+        if len(group) == 1 or self.hparams.step_mode == "per_task":
+            return super().group_losses(group, batch)
+        image = batch[group[0]]["image"]
+        features = self.encode(image)
+        return {
+            name: self._finite_or_zero(name, self.head_loss(name, features, image.shape[-2:], batch[name]))
+            for name in group
+        }

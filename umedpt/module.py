@@ -152,11 +152,15 @@ class MultiTaskModule(LightningModule):
         return list(self.tasks)
 
     # ------------------------------------------------------------------ the loop
-    def forward_task(self, task_name: str, image: Tensor) -> Any:
-        """The head outputs of one task for a batch of images (encoder + head)."""
+    def encode(self, image: Tensor) -> list[Tensor]:
+        """Encoder feature pyramid of an image batch, in the module's memory layout."""
         if self.hparams.channels_last and image.dim() == 4:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self.heads[task_name](self.encoder(image), tuple(image.shape[-2:]))
+        return self.encoder(image)
+
+    def forward_task(self, task_name: str, image: Tensor) -> Any:
+        """The head outputs of one task for a batch of images (encoder + head)."""
+        return self.heads[task_name](self.encode(image), tuple(image.shape[-2:]))
 
     def task_loss(self, task_name: str, task_batch: dict[str, Any]) -> Tensor:
         """Scaled loss of one task's batch, graph attached."""
@@ -178,6 +182,14 @@ class MultiTaskModule(LightningModule):
         chosen = set(torch.randperm(len(names), generator=generator)[:k].tolist())
         return [n for i, n in enumerate(names) if i in chosen]
 
+    def step_groups(self, batch: dict[str, Any]) -> list[list[str]]:
+        """Tasks that share one forward/backward, in order: here each active task alone."""
+        return [[name] for name in self.active_tasks(batch)]
+
+    def group_losses(self, group: list[str], batch: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
+        """Scaled losses (graphs attached) of a group of tasks trained by one backward."""
+        return {name: self._finite_or_zero(name, self.task_loss(name, batch[name])) for name in group}
+
     def accumulate(self, batch: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
         """Forward and backward each task in turn (no optimizer step); detached losses per task.
 
@@ -185,32 +197,40 @@ class MultiTaskModule(LightningModule):
         next task runs. Attached to a Trainer, all but the last backward skip the DDP
         gradient synchronisation.
         """
-        names = self.active_tasks(batch)
+        groups = self.step_groups(batch)
         attached = self._trainer is not None
         optimizer = self.optimizers() if attached else None
-        skip = self.hparams.nonfinite == "skip"
         losses: dict[str, Tensor] = {}
-        for i, name in enumerate(names):
-            last = i == len(names) - 1
+        for i, group in enumerate(groups):
+            last = i == len(groups) - 1
             sync = nullcontext() if (last or not attached) else optimizer.toggle_model(sync_grad=False)
             with sync:
-                loss = self.task_loss(name, batch[name])
-                if skip and not torch.isfinite(loss):
-                    warnings.warn(
-                        f"task {name!r}: non-finite loss {loss.item()} at step {self.global_step}; batch skipped",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    loss = sum(p.sum() * 0.0 for p in self.heads[name].parameters())
+                group_losses = self.group_losses(group, batch)
+                total = sum(group_losses.values())
                 if attached:
-                    self.manual_backward(loss)
+                    self.manual_backward(total)
                 else:
-                    loss.backward()
-            losses[name] = loss.detach()
-            del loss
-        if not skip:
+                    total.backward()
+            losses.update({name: loss.detach() for name, loss in group_losses.items()})
+            del group_losses, total
+        if self.hparams.nonfinite == "raise":
             self._check_finite(losses)
         return losses
+
+    def _finite_or_zero(self, task_name: str, loss: Tensor) -> Tensor:
+        """With ``nonfinite="skip"``, a non-finite task loss becomes a zero (with a warning)."""
+        if self.hparams.nonfinite != "skip" or bool(torch.isfinite(loss)):
+            return loss
+        warnings.warn(
+            f"task {task_name!r}: non-finite loss {loss.item()} at step {self.global_step}; batch skipped",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return self.zero_loss(task_name)
+
+    def zero_loss(self, task_name: str) -> Tensor:
+        """A zero loss attached to the task's head (its backward gives zero head gradients)."""
+        return sum(p.sum() for p in self.heads[task_name].parameters()) * 0.0
 
     def _check_finite(self, losses: dict[str, Tensor]) -> None:
         """Raise :class:`NonFiniteLossError` for a NaN/inf task loss.
