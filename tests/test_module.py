@@ -191,7 +191,7 @@ def test_head_defaults_apply_per_kind_and_task_head_args_win(tasks):
 
 
 def test_channels_last_layout_gives_the_same_losses_and_gradients(tasks, batch):
-    fast = make_module(tasks)  # channels_last is the default
+    fast = make_module(tasks, channels_last=True)
     plain = make_module(tasks, channels_last=False)
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

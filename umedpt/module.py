@@ -59,7 +59,8 @@ class MultiTaskModule(LightningModule):
             ``"skip"`` drops that task's batch with a warning (one host sync per task).
         export_encoder: write ``<log dir>/encoder/`` (safetensors + JSON) when fit ends.
         channels_last: keep convolution weights and input images in channels-last memory
-            layout (Swin's feature maps already are; the heads' convolutions run faster).
+            layout (Swin's feature maps already are). Same results; no speed-up measured on
+            CPU (``benchmarks/precision_layout.py``), so it is off by default.
         compile_encoder: compile the encoder with ``torch.compile`` (in place: weights and
             checkpoints keep their names). Steps get faster after a long first compilation
             (see ``benchmarks/precision_layout.py``): worth it for long runs only.
@@ -81,7 +82,7 @@ class MultiTaskModule(LightningModule):
         tasks_per_step: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
-        channels_last: bool = True,
+        channels_last: bool = False,
         compile_encoder: bool = False,
         flush_denormal: bool = True,
         seed: int = 0,
