@@ -52,7 +52,8 @@ def build_model(recipe: str, names: list[str] | None = None, **overrides: Any) -
     tasks = [t for t in recipe_tasks(recipe) if names is None or t.name in names]
     encoder = SwinEncoder(**cfg.get("encoder", {}).get("init_args", {}))
     kwargs = {k: v for k, v in cfg.items() if k not in ("tasks", "encoder")}
-    kwargs.update(export_encoder=False)
+    # benchmarks train every task in every step, whatever subset the recipe samples
+    kwargs.update(export_encoder=False, tasks_per_step=None)
     kwargs.update(overrides)
     return MultiTaskModule(tasks=tasks, encoder=encoder, **kwargs)
 
