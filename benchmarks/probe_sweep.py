@@ -11,6 +11,7 @@ Prints the times and writes ``benchmarks/results/probe_sweep_<name>.json``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -72,6 +73,7 @@ def main() -> None:
             print(f"{label}: {seconds:.1f} s  {task['timing']}  cache {report['feature_cache']}")
     summary = {name: {f: round(v["mean"], 4) for f, v in s_.items()} for name, s_ in task["summary"].items()}
     result = {
+        "date": datetime.date.today().isoformat(),
         "task": "histology count_bin, 64 px",
         "splits": sizes,
         "fractions": list(FRACTIONS),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from typing import Any
 
@@ -215,3 +216,48 @@ def test_compile_encoder_compiles_in_place_once(tasks, monkeypatch):
     assert calls == [{}]
     assert set(model.state_dict()) == keys
     assert make_module(tasks).hparams.compile_encoder is False
+
+
+def test_group_to_device_moves_only_the_group_and_shared_tensors_once(tasks, batch):
+    model = make_module(tasks).to("meta")
+    shared = torch.rand(2, 3, 64, 64)
+    host = {name: dict(batch[name], image=shared) for name in model.task_names}
+    det = next(t.name for t in tasks if t.kind == "detection")
+    seg = next(t.name for t in tasks if t.kind == "segmentation")
+
+    moved = model.group_to_device([seg, det], host)
+
+    assert set(moved) == {seg, det}
+    assert moved[seg]["image"].device.type == "meta"
+    assert moved[seg]["image"] is moved[det]["image"]  # one copy of an image batch shared by tasks
+    assert moved[seg]["mask"].device.type == "meta"
+    assert all(b.device.type == "meta" for b in moved[det]["boxes"])
+    assert host[seg]["image"].device.type == "cpu"  # the host batch is left as it was
+
+
+def test_training_batches_stay_on_the_host_until_their_task_runs(tasks, batch):
+    from types import SimpleNamespace
+
+    model = make_module(tasks)
+    meta = torch.device("meta")
+    model._trainer = SimpleNamespace(training=True)
+    assert model.transfer_batch_to_device(batch, meta, 0) is batch
+    model._trainer = SimpleNamespace(training=False)  # validation/test/predict: moved by Lightning
+    moved = model.transfer_batch_to_device(batch, meta, 0)
+    assert all(b["image"].device == meta for b in moved.values())
+
+
+def test_head_lr_factor_scales_every_head_and_task_lr_factor_multiplies_it(tasks):
+    tasks = [dataclasses.replace(t, lr_factor=3.0) if i == 0 else t for i, t in enumerate(tasks)]
+    model = make_module(tasks, lr=1e-3, head_lr_factor=10.0)
+    optimizer, _ = model.build_optimizer(10)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert {lr_of[id(p)] for p in model.encoder.parameters()} == {1e-3}
+    assert [lr_of[id(p)] for p in model.heads[tasks[0].name].parameters()] == pytest.approx(
+        [3e-2] * len(list(model.heads[tasks[0].name].parameters()))
+    )
+    for task in tasks[1:]:
+        lrs = [lr_of[id(p)] for p in model.heads[task.name].parameters()]
+        assert lrs == pytest.approx([1e-2] * len(lrs))
+    with pytest.raises(ValueError, match="head_lr_factor must be > 0"):
+        make_module(tasks, head_lr_factor=0.0)

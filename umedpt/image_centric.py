@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from lightning import LightningModule
 from torch import Tensor
 
 from umedpt.module import MultiTaskModule
@@ -128,6 +129,14 @@ class ImageCentricModule(MultiTaskModule):
         for name in self.active_tasks(batch):
             groups.setdefault(id(batch[name]["image"]), []).append(name)
         return list(groups.values())
+
+    # ImageCentricDataModule moves whole batches (shared images once, flags kept on the host), so
+    # the per-task transfer of MultiTaskModule is not used here
+    transfer_batch_to_device = LightningModule.transfer_batch_to_device
+
+    def group_to_device(self, group: list[str], batch: dict[str, Any]) -> dict[str, Any]:
+        """The group's batches as given: the data module has already moved them to the device."""
+        return {name: batch[name] for name in group}
 
     def step_groups(self, batch: dict[str, Any]) -> list[list[str]]:
         """``image_centric``: tasks grouped by shared images; ``per_task``: one task per group."""

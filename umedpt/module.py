@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,6 +24,13 @@ from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
 
 class NonFiniteLossError(FloatingPointError):
     """A task produced a NaN or infinite loss."""
+
+
+# MultiTaskModule overrides the hook on purpose (per-task transfer, see transfer_batch_to_device);
+# Lightning warns about any such override when a DataModule is used.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`", category=UserWarning
+)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Any:
@@ -49,7 +58,11 @@ class MultiTaskModule(LightningModule):
             ``None`` builds the default ``swin_tiny_patch4_window7_224``.
         head_defaults: per task kind, head keyword arguments for tasks whose ``head_args``
             do not set them, e.g. ``{"segmentation": {"decoder_channels": 64}}``.
-        lr: peak learning rate of the encoder (heads use ``lr * task.lr_factor``).
+        lr: peak learning rate of the encoder (heads use ``lr * head_lr_factor * task.lr_factor``).
+        head_lr_factor: learning rate of every head relative to the encoder's. The last layer of
+            the classification heads starts at zero, so the encoder gets no gradient from them
+            until those layers have grown: a larger factor lets heads catch up fast, which
+            matters for short runs (``configs/quick.yaml``).
         weight_decay: AdamW weight decay (not applied to biases and 1-d parameters).
         warmup_steps: linear warmup in optimizer steps; a value < 1 is a fraction of all steps.
         min_lr_ratio: final learning rate of the cosine schedule relative to ``lr``.
@@ -75,6 +88,7 @@ class MultiTaskModule(LightningModule):
         encoder: SwinEncoder | dict[str, Any] | None = None,
         head_defaults: dict[str, dict[str, Any]] | None = None,
         lr: float = 2e-4,
+        head_lr_factor: float = 1.0,
         weight_decay: float = 0.05,
         warmup_steps: float = 0.05,
         min_lr_ratio: float = 0.01,
@@ -118,6 +132,8 @@ class MultiTaskModule(LightningModule):
         }
         if tasks_per_step is not None and not 1 <= tasks_per_step <= len(task_list):
             raise ValueError(f"tasks_per_step must be in 1..{len(task_list)}, got {tasks_per_step}")
+        if not head_lr_factor > 0:
+            raise ValueError(f"head_lr_factor must be > 0, got {head_lr_factor}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.val_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
@@ -134,6 +150,7 @@ class MultiTaskModule(LightningModule):
                 "encoder": self.encoder.config,
                 "head_defaults": head_defaults,
                 "lr": lr,
+                "head_lr_factor": head_lr_factor,
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
                 "min_lr_ratio": min_lr_ratio,
@@ -196,7 +213,9 @@ class MultiTaskModule(LightningModule):
 
         Gradients add up in ``.grad``. Each task's graph is freed by its backward before the
         next task runs. Attached to a Trainer, all but the last backward skip the DDP
-        gradient synchronisation.
+        gradient synchronisation. Each group's batches are moved to the module's device just
+        before its forward (training batches stay on the host until then, see
+        :meth:`transfer_batch_to_device`), so one task's batch is on the device at a time.
         """
         groups = self.step_groups(batch)
         attached = self._trainer is not None
@@ -206,7 +225,7 @@ class MultiTaskModule(LightningModule):
             last = i == len(groups) - 1
             sync = nullcontext() if (last or not attached) else optimizer.toggle_model(sync_grad=False)
             with sync:
-                group_losses = self.group_losses(group, batch)
+                group_losses = self.group_losses(group, self.group_to_device(group, batch))
                 total = sum(group_losses.values())
                 if attached:
                     self.manual_backward(total)
@@ -217,6 +236,28 @@ class MultiTaskModule(LightningModule):
         if self.hparams.nonfinite == "raise":
             self._check_finite(losses)
         return losses
+
+    def group_to_device(self, group: list[str], batch: dict[str, Any]) -> dict[str, Any]:
+        """The batches of ``group`` on the module's device; a tensor shared by tasks moves once."""
+        moved: dict[int, Any] = {}
+
+        def move(tensor: Tensor) -> Any:
+            if id(tensor) not in moved:
+                moved[id(tensor)] = move_data_to_device(tensor, self.device)
+            return moved[id(tensor)]
+
+        return {name: apply_to_collection(batch[name], Tensor, move) for name in group}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Training batches stay on the host: :meth:`accumulate` moves one group's batches at a time.
+
+        With all tasks' batches moved at once, the device would hold every task's images for the
+        whole step; moved per group, it holds those of the group being trained.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and set(batch) <= set(self.tasks):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _finite_or_zero(self, task_name: str, loss: Tensor) -> Tensor:
         """With ``nonfinite="skip"``, a non-finite task loss becomes a zero (with a warning)."""
@@ -333,14 +374,14 @@ class MultiTaskModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-        """AdamW over the encoder and every head (``lr * lr_factor``), and the per-step schedule."""
+        """AdamW over the encoder and every head (``lr * head_lr_factor * lr_factor``), and the per-step schedule."""
         hp = self.hparams
         groups = param_groups_weight_decay(self.encoder, hp.weight_decay)
         for group in groups:
             group["lr"] = hp.lr
         for name, head in self.heads.items():
             for group in param_groups_weight_decay(head, hp.weight_decay):
-                group["lr"] = hp.lr * self.tasks[name].lr_factor
+                group["lr"] = hp.lr * hp.get("head_lr_factor", 1.0) * self.tasks[name].lr_factor
                 groups.append(group)
         # fused: one kernel per step, no temporaries the size of the parameters (foreach has them)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)

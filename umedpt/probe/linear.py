@@ -92,6 +92,22 @@ def fit_linear_probe(
 
     ``y`` holds class indices ``(N,)`` for a multi-class task or multi-hot ``(N, K)`` labels.
     """
+    # one thread: these problems are small, and BLAS/OpenMP threads made the fits several times
+    # slower on a 2-core machine (benchmarks/probe_sweep.py)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return _fit_linear_probe(x_train, y_train, x_val, y_val, c_grid, max_iter)
+
+
+def _fit_linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    c_grid: Sequence[float],
+    max_iter: int,
+) -> LinearProbe:
     grid = sorted(float(c) for c in c_grid)
     mean = x_train.mean(0)
     scale = x_train.std(0) + 1e-6
