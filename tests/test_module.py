@@ -261,3 +261,12 @@ def test_head_lr_factor_scales_every_head_and_task_lr_factor_multiplies_it(tasks
         assert lrs == pytest.approx([1e-2] * len(lrs))
     with pytest.raises(ValueError, match="head_lr_factor must be > 0"):
         make_module(tasks, head_lr_factor=0.0)
+
+
+def test_group_to_device_leaves_keep_on_host_keys_on_the_host(tasks, batch):
+    model = make_module(tasks).to("meta")
+    model.keep_on_host = ("label",)
+    name = next(t.name for t in tasks if t.kind == "classification")
+    moved = model.group_to_device([name], batch)
+    assert moved[name]["image"].device.type == "meta"
+    assert moved[name]["label"].device.type == "cpu"

@@ -19,6 +19,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
+from umedpt.data.imax import FLAG_KEYS
 from umedpt.module import MultiTaskModule
 
 __all__ = ["ImageCentricModule", "select_samples"]
@@ -130,13 +131,10 @@ class ImageCentricModule(MultiTaskModule):
             groups.setdefault(id(batch[name]["image"]), []).append(name)
         return list(groups.values())
 
-    # ImageCentricDataModule moves whole batches (shared images once, flags kept on the host), so
-    # the per-task transfer of MultiTaskModule is not used here
+    keep_on_host = FLAG_KEYS
+    # ImageCentricDataModule moves whole batches itself (shared images once, flags on the host);
+    # the base hook keeps Lightning from warning that both the module and the data module define it
     transfer_batch_to_device = LightningModule.transfer_batch_to_device
-
-    def group_to_device(self, group: list[str], batch: dict[str, Any]) -> dict[str, Any]:
-        """The group's batches as given: the data module has already moved them to the device."""
-        return {name: batch[name] for name in group}
 
     def step_groups(self, batch: dict[str, Any]) -> list[list[str]]:
         """``image_centric``: tasks grouped by shared images; ``per_task``: one task per group."""

@@ -10,13 +10,12 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning_utilities.core.apply_func import apply_to_collection
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
 from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
@@ -81,6 +80,9 @@ class MultiTaskModule(LightningModule):
             10-100x slower on them; small detection-head updates produce them).
         seed: seed of the task subset sampling.
     """
+
+    #: batch keys whose tensors stay on the host when a group's batches move to the device
+    keep_on_host: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -238,15 +240,9 @@ class MultiTaskModule(LightningModule):
         return losses
 
     def group_to_device(self, group: list[str], batch: dict[str, Any]) -> dict[str, Any]:
-        """The batches of ``group`` on the module's device; a tensor shared by tasks moves once."""
-        moved: dict[int, Any] = {}
-
-        def move(tensor: Tensor) -> Any:
-            if id(tensor) not in moved:
-                moved[id(tensor)] = move_data_to_device(tensor, self.device)
-            return moved[id(tensor)]
-
-        return {name: apply_to_collection(batch[name], Tensor, move) for name in group}
+        """The batches of ``group`` on the module's device (a tensor shared by tasks moves once;
+        tensors under the keys of ``keep_on_host`` stay where they are)."""
+        return batch_to_device({name: batch[name] for name in group}, self.device, self.keep_on_host)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Training batches stay on the host: :meth:`accumulate` moves one group's batches at a time.

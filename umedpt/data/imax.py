@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from umedpt.data.datamodule import MultiTaskDataModule
 from umedpt.data.loading import EpochShuffleSampler, collate_cases
 from umedpt.data.readers import read_image
+from umedpt.device import batch_to_device
 from umedpt.tasks import Task, as_task
 
 __all__ = [
@@ -681,22 +682,7 @@ class ImageCentricDataModule(MultiTaskDataModule):
         it (and one encoder pass) on the device. The flags stay on the host, so selecting the
         annotated samples needs no device synchronisation.
         """
-        moved: dict[int, Tensor] = {}
-
-        def move(value: Any, key: str | None = None) -> Any:
-            if torch.is_tensor(value):
-                if key in FLAG_KEYS:
-                    return value
-                if id(value) not in moved:
-                    moved[id(value)] = value.to(device)
-                return moved[id(value)]
-            if isinstance(value, dict):
-                return {k: move(v, k) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return type(value)(move(v) for v in value)
-            return value
-
-        return move(batch)
+        return batch_to_device(batch, device, keep_on_host=FLAG_KEYS)
 
     def train_dataloader(self) -> Any:
         if self.sampling == "task":

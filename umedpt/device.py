@@ -1,0 +1,35 @@
+"""Moving nested batches to a device: shared tensors move once, chosen keys stay on the host."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import torch
+
+
+def batch_to_device(batch: Any, device: torch.device | str, keep_on_host: Collection[str] = ()) -> Any:
+    """``batch`` (dicts, lists, tuples of tensors) with its tensors on ``device``.
+
+    A tensor that appears several times (e.g. one image batch shared by several tasks) is copied
+    once, so the copies stay shared. Tensors under a dict key in ``keep_on_host`` are not moved
+    (flags read on the host need no device synchronisation). Copies to CUDA do not block.
+    """
+    device = torch.device(device)
+    non_blocking = device.type == "cuda"
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(value: Any, key: str | None = None) -> Any:
+        if torch.is_tensor(value):
+            if key in keep_on_host:
+                return value
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device, non_blocking=non_blocking)
+            return moved[id(value)]
+        if isinstance(value, dict):
+            return {k: move(v, k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        return value
+
+    return move(batch)
