@@ -1,9 +1,15 @@
 """Image-level heads: multi-class (softmax) and multi-label (sigmoid) classification.
 
-Both pool the last (coarsest) pyramid level globally, apply LayerNorm, optional dropout and a
-Linear layer. The Linear layer starts at zero, so a fresh head predicts the uniform distribution
-and its loss is exactly ``ln C`` (multi-class) or ``ln 2`` (multi-label): ``default_loss_scale``
-turns that into 1.
+Both pool pyramid levels globally (by default every level: the coarsest ``pool_levels`` ones),
+apply a LayerNorm per level, concatenate, then optional dropout and a Linear layer. Pooling the
+fine levels too gives image-level tasks the texture statistics of the early stages directly
+(measured: the histology grade, a density of small nuclei, went from AUROC 0.57 with the last
+level only to 0.99 with all four after 300 steps, ``docs/learning.md``). The Linear layer starts small and random (truncated normal, std :data:`INIT_STD`,
+bias 0, as timm's classifiers), so a fresh head predicts nearly the uniform distribution and its
+loss is about ``ln C`` (multi-class) or ``ln 2`` (multi-label): ``default_loss_scale`` turns that
+into 1. A zero-initialised Linear layer would pass no gradient to the encoder until it has grown;
+measured on the quick recipe, a task trained that way stayed at one class for 1000 steps at a
+learning rate where the small random start matches a plain timm loop (``docs/learning.md``).
 """
 
 from __future__ import annotations
@@ -26,31 +32,49 @@ from torchmetrics.classification import (
 
 from heads.base import TaskHead
 
-__all__ = ["ClassificationHead", "MultiLabelHead"]
+__all__ = ["INIT_STD", "ClassificationHead", "MultiLabelHead"]
+
+
+#: standard deviation of the (truncated normal) initial weights of the classifier layers, as in timm
+INIT_STD: float = 0.02
 
 
 class _PooledLinearHead(TaskHead):
-    """Global average pool of the last level -> LayerNorm -> Dropout -> zero-initialised Linear."""
+    """Global average pool of each level -> LayerNorm per level -> concat -> Dropout -> Linear (small random init)."""
 
     target_keys = ("label",)
 
     def __init__(
-        self, in_channels: Sequence[int], reductions: Sequence[int], num_classes: int, dropout: float
+        self,
+        in_channels: Sequence[int],
+        reductions: Sequence[int],
+        num_classes: int,
+        dropout: float,
+        pool_levels: int | None = None,
     ) -> None:
         super().__init__(in_channels, reductions, num_classes)
+        name = type(self).__name__
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
-        width = self.in_channels[-1]
-        self.norm = nn.LayerNorm(width)
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        pool_levels = len(self.in_channels) if pool_levels is None else pool_levels
+        if not 1 <= pool_levels <= len(self.in_channels):
+            raise ValueError(
+                f"{name}: pool_levels must be in [1, {len(self.in_channels)}] (the encoder has "
+                f"{len(self.in_channels)} levels), got {pool_levels}"
+            )
+        self.pool_levels = pool_levels
+        widths = self.in_channels[-pool_levels:]
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(width, num_classes)
-        nn.init.zeros_(self.fc.weight)
+        self.fc = nn.Linear(sum(widths), num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=INIT_STD)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, features: list[Tensor], image_size: tuple[int, int]) -> Tensor:
-        """Logits (B, num_classes) from the globally pooled last pyramid level."""
-        pooled = features[-1].mean(dim=(2, 3))
-        return self.fc(self.dropout(self.norm(pooled)))
+        """Logits (B, num_classes) from the globally pooled coarsest ``pool_levels`` pyramid levels."""
+        levels = features[-self.pool_levels :]
+        pooled = torch.cat([norm(f.mean(dim=(2, 3))) for norm, f in zip(self.norms, levels, strict=True)], 1)
+        return self.fc(self.dropout(pooled))
 
     def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict[str, Any]) -> None:
         """Update ``metrics`` with the predicted probabilities and the integer labels."""
@@ -66,9 +90,10 @@ class ClassificationHead(_PooledLinearHead):
         num_classes: number of classes, at least 2.
         dropout: dropout probability before the Linear layer.
         label_smoothing: label smoothing of the cross-entropy, in [0, 1).
+        pool_levels: how many of the coarsest pyramid levels are pooled (``None``: all).
 
     The loss is cross-entropy; ``default_loss_scale`` is ``1 / ln C`` (a fresh head gives
-    exactly ``ln C``). Metrics: ``accuracy`` (micro), macro ``f1`` and macro ``auroc``.
+    about ``ln C``). Metrics: ``accuracy`` (micro), macro ``f1`` and macro ``auroc``.
     """
 
     def __init__(
@@ -78,8 +103,9 @@ class ClassificationHead(_PooledLinearHead):
         num_classes: int,
         dropout: float = 0.0,
         label_smoothing: float = 0.0,
+        pool_levels: int | None = None,
     ) -> None:
-        super().__init__(in_channels, reductions, num_classes, dropout)
+        super().__init__(in_channels, reductions, num_classes, dropout, pool_levels)
         if num_classes < 2:
             raise ValueError(
                 f"ClassificationHead: num_classes must be >= 2, got {num_classes} "
@@ -96,7 +122,7 @@ class ClassificationHead(_PooledLinearHead):
 
     @property
     def default_loss_scale(self) -> float:
-        """``1 / ln C``: the cross-entropy of the uniform prediction is ``ln C``."""
+        """``1 / ln C``: the cross-entropy of the uniform prediction (about a fresh head's) is ``ln C``."""
         return 1.0 / math.log(self.num_classes)
 
     def build_metrics(self) -> MetricCollection:
@@ -125,9 +151,10 @@ class MultiLabelHead(_PooledLinearHead):
         dropout: dropout probability before the Linear layer.
         pos_weight: optional weight of the positive term per label (K values > 0), as in
             ``BCEWithLogitsLoss``; use it for rare labels.
+        pool_levels: how many of the coarsest pyramid levels are pooled (``None``: all).
 
     The loss is binary cross-entropy with logits averaged over images and labels;
-    ``default_loss_scale`` is ``1 / ln 2`` (exact for a fresh head without ``pos_weight``).
+    ``default_loss_scale`` is ``1 / ln 2`` (about a fresh head's loss without ``pos_weight``).
     Metrics: macro ``auroc`` and macro ``f1`` at threshold 0.5.
     """
 
@@ -140,8 +167,9 @@ class MultiLabelHead(_PooledLinearHead):
         num_classes: int,
         dropout: float = 0.0,
         pos_weight: list[float] | None = None,
+        pool_levels: int | None = None,
     ) -> None:
-        super().__init__(in_channels, reductions, num_classes, dropout)
+        super().__init__(in_channels, reductions, num_classes, dropout, pool_levels)
         if num_classes < 2:
             raise ValueError(
                 f"MultiLabelHead: num_classes must be >= 2, got {num_classes} "

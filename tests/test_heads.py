@@ -92,10 +92,11 @@ def test_output_shapes(kind: str, size: tuple[int, int]) -> None:
     out = head(pyramid(2, h, w), size)
     if kind == "classification":
         assert out.shape == (2, NUM_CLASSES)
-        assert torch.allclose(head.predict(out), torch.full((2, NUM_CLASSES), 1 / NUM_CLASSES))
+        probs = head.predict(out)  # a fresh head (small random classifier) predicts about uniformly
+        assert torch.allclose(probs.sum(-1), torch.ones(2)) and (probs - 1 / NUM_CLASSES).abs().max() < 0.3
     elif kind == "multilabel":
         assert out.shape == (2, NUM_CLASSES)
-        assert torch.allclose(head.predict(out), torch.full((2, NUM_CLASSES), 0.5))
+        assert (head.predict(out) - 0.5).abs().max() < 0.3
     elif kind in ("fpn", "unet"):
         assert out.shape == (2, NUM_CLASSES, h, w)
         assert head.predict(out).shape == (2, h, w)
@@ -161,8 +162,8 @@ def test_initial_scaled_loss_is_about_one(kind: str) -> None:
     outputs = head(pyramid(4, 64, 96), (64, 96))
     scaled = head.default_loss_scale * head.loss(outputs, random_batch(kind, 4, 64, 96)).item()
     assert 0.5 <= scaled <= 1.5
-    if kind != "detection":  # zero-initialised output layers: uniform prediction, exact up to class balance
-        assert scaled == pytest.approx(1.0, abs=0.02)
+    if kind != "detection":  # small random output layers: about uniform predictions
+        assert scaled == pytest.approx(1.0, abs=0.2)
 
 
 def test_detection_loss_scale_is_measured_fresh_loss() -> None:
@@ -175,7 +176,7 @@ def test_detection_loss_scale_is_measured_fresh_loss() -> None:
         out.num_anchors_per_level,
     )
     assert terms["classification"].item() == pytest.approx(0.25 * 0.99**2 * math.log(100), rel=0.1)
-    assert terms["bbox_regression"].item() == pytest.approx(1.0, abs=0.05)
+    assert terms["bbox_regression"].item() == pytest.approx(0.9, abs=0.1)
     assert terms["bbox_ctrness"].item() == pytest.approx(math.log(2), abs=0.05)
     assert head.default_loss_scale == pytest.approx(1 / FRESH_FCOS_LOSS)
 

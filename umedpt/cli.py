@@ -21,6 +21,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
+from umedpt.curves import LearningCurves  # noqa: E402
 from umedpt.data.datamodule import MultiTaskDataModule  # noqa: E402
 from umedpt.module import MultiTaskModule  # noqa: E402
 from umedpt.predict import TaskPredictionWriter  # noqa: E402
@@ -101,8 +102,9 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> Any:
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
-            # always present (not configurable): predict writes one file per task
-            trainer_defaults={"callbacks": [TaskPredictionWriter()]},
+            # always present (not configurable): predict writes one file per task, fit plots
+            # per-task learning curves into the run directory
+            trainer_defaults={"callbacks": [TaskPredictionWriter(), LearningCurves()]},
         )
     finally:
         sys.argv = argv

@@ -58,10 +58,8 @@ class MultiTaskModule(LightningModule):
         head_defaults: per task kind, head keyword arguments for tasks whose ``head_args``
             do not set them, e.g. ``{"segmentation": {"decoder_channels": 64}}``.
         lr: peak learning rate of the encoder (heads use ``lr * head_lr_factor * task.lr_factor``).
-        head_lr_factor: learning rate of every head relative to the encoder's. The last layer of
-            the classification heads starts at zero, so the encoder gets no gradient from them
-            until those layers have grown: a larger factor lets heads catch up fast, which
-            matters for short runs (``configs/quick.yaml``).
+        head_lr_factor: learning rate of every head relative to the encoder's (the quick recipe
+            uses 3: a head sees only the steps of its own task, the encoder sees them all).
         weight_decay: AdamW weight decay (not applied to biases and 1-d parameters).
         warmup_steps: linear warmup in optimizer steps; a value < 1 is a fraction of all steps.
         min_lr_ratio: final learning rate of the cosine schedule relative to ``lr``.
@@ -83,6 +81,8 @@ class MultiTaskModule(LightningModule):
 
     #: batch keys whose tensors stay on the host when a group's batches move to the device
     keep_on_host: tuple[str, ...] = ()
+    #: weight of the moving average logged as ``train/<task>/loss_smooth``
+    LOSS_EMA: float = 0.9
 
     def __init__(
         self,
@@ -146,6 +146,9 @@ class MultiTaskModule(LightningModule):
         self._encoder_compiled = False
         # (event, task names, loss values on the host, step) of finiteness checks in flight
         self._pending_checks: list[tuple[Any, list[str], Tensor, int]] = []
+        #: detached scaled losses of the last training step per task (read by LearningCurves)
+        self.last_losses: dict[str, Tensor] = {}
+        self._loss_ema: dict[str, Tensor] = {}
         self.save_hyperparameters(
             {
                 "tasks": [t.to_dict() for t in task_list],
@@ -310,10 +313,19 @@ class MultiTaskModule(LightningModule):
         losses = self.accumulate(batch)
         optimizer.step()
         self.lr_schedulers().step()
+        self.last_losses = losses
         total = torch.stack(list(losses.values())).sum()
         batch_size = sum(batch[n]["image"].shape[0] for n in losses)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{n}/loss": v for n, v in losses.items()}, batch_size=batch_size)
+        # each task's own loss, smoothed over the steps that trained it (train/loss mixes tasks)
+        for name, value in losses.items():
+            previous = self._loss_ema.get(name)
+            self._loss_ema[name] = value if previous is None else previous.lerp(value, 1.0 - self.LOSS_EMA)
+        self.log_dict(
+            {f"train/{n}/loss_smooth": self._loss_ema[n] for n in losses}, batch_size=batch_size
+        )
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=batch_size)
         return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

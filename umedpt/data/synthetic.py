@@ -368,8 +368,8 @@ def _bg_radiograph(rng: np.random.Generator, size: int, grade: int) -> tuple[lis
     c *= 1.0 - 0.68 * lungs
     c += _ribs(c.shape[0]) * (0.05 + 0.07 * lungs)
     plane = _resize(_blur(c, 0.01), size)
-    reticular = (0.0, 0.08, 0.14)[grade] * _u(rng, 0.85, 1.15)
-    haze = (0.0, 0.04, 0.1)[grade] * _u(rng, 0.85, 1.15)
+    reticular = (0.0, 0.14, 0.26)[grade] * _u(rng, 0.85, 1.15)
+    haze = (0.0, 0.06, 0.15)[grade] * _u(rng, 0.85, 1.15)
     pattern = _ridges(_noise(rng, 22, size), 3.0)
     pattern *= reticular
     pattern += haze * np.maximum(_noise(rng, 5, size), 0.0)
@@ -404,7 +404,7 @@ def _bg_ct(rng: np.random.Generator, size: int, grade: int) -> tuple[list[np.nda
     plane = _resize(_blur(c, 0.008), size)
     mottle = _noise(rng, 20, size)
     mottle *= _resize(body, size)
-    mottle *= (0.0, 0.065, 0.13)[grade] * _u(rng, 0.85, 1.15)
+    mottle *= (0.0, 0.11, 0.22)[grade] * _u(rng, 0.85, 1.15)
     plane += mottle
     return [plane], [(bx, by, brx - 0.12, bry - 0.1)]
 
@@ -430,7 +430,10 @@ def _bg_histology(rng: np.random.Generator, size: int, grade: int) -> tuple[list
     spaces *= 2.0
     fibres = _ridges(_noise(rng, (5, 40) if rng.random() < 0.5 else (40, 5), size), 3.0)
     fibres *= _resize(1.0 - spaces, size)
-    nuclei = _dots(rng, (25, 80, 200)[grade], 2.2, size)
+    nuclei = _dots(rng, (20, 90, 260)[grade], 3.0, size)
+    # the stroma is lighter in proportion to the nuclei's coverage, so the mean intensity does not
+    # give the grade away: only the density of nuclei does
+    coverage = float(nuclei.mean())
     planes = []
     for c, (fibre, white, purple) in enumerate(
         ((-0.03, 0.97, 0.33), (-0.08, 0.94, 0.17), (-0.04, 0.96, 0.5))
@@ -439,6 +442,7 @@ def _bg_histology(rng: np.random.Generator, size: int, grade: int) -> tuple[list
         smooth += spaces * (white - smooth)
         plane = _resize(smooth, size)
         plane += fibres * fibre
+        plane += coverage * (plane - purple)
         plane += nuclei * (purple - plane)
         planes.append(plane)
     return planes, [(0.5, 0.5, 0.62, 0.62)]
@@ -456,7 +460,7 @@ def _bg_dermoscopy(rng: np.random.Generator, size: int, grade: int) -> tuple[lis
     shade = _noise(rng, 3, low)
     shade *= 0.03
     shade -= 0.1 * m * m  # darker centre
-    network = (0.03, 0.13, 0.24)[grade] * _u(rng, 0.85, 1.15)
+    network = (0.02, 0.18, 0.34)[grade] * _u(rng, 0.85, 1.15)
     net = _ridges(_noise(rng, 30, size), 4.0)
     net *= _resize(m, size)
     angle = 2 * math.pi * rng.random()
@@ -464,7 +468,7 @@ def _bg_dermoscopy(rng: np.random.Generator, size: int, grade: int) -> tuple[lis
     if grade:
         ramp = _ramp(low)
         side = np.clip(math.cos(angle) * ramp + math.sin(angle) * ramp.T, 0.0, 1.0)
-        side *= m * (0.0, 0.12, 0.25)[grade]
+        side *= m * (0.0, 0.18, 0.36)[grade]
     planes = []
     for c, (tint, weight) in enumerate(((-0.9, 0.8), (-0.2, 0.9), (0.5, 1.0))):
         smooth = m * (brown[c] - skin[c]) + skin[c]
@@ -537,10 +541,10 @@ _STYLES: dict[str, _Style] = {
         1,
         True,
         (
-            _Look(_ROUND, 0.95, (0.36,), (0.1,), "dome", 0.01),
-            _Look(_LOBULATED, 1.28, (0.26,), (0.13,), "dome", 0.07),
-            _Look(_ROUND, 1.11, (-0.04,), (0.34,), "ring", 0.01),
-            _Look(_ELONGATED, 1.87, (0.22,), (0.16,), "flat", 0.03),
+            _Look(_ROUND, 0.8, (0.5,), (0.15,), "dome", 0.01),
+            _Look(_LOBULATED, 1.7, (0.36,), (0.18,), "dome", 0.1),
+            _Look(_ROUND, 1.2, (-0.06,), (0.42,), "ring", 0.01),
+            _Look(_ELONGATED, 2.1, (0.3,), (0.22,), "flat", 0.03),
         ),
         _bg_radiograph,
         (0.008, 0.018),

@@ -38,7 +38,7 @@ class TrainBudget:
         lr: peak learning rate of the head.
         encoder_lr: peak learning rate of the encoder when it learns. Transformers trained from
             a random init need it well below the head's: at the same rate the features of a
-            small Swin collapse to a constant before the zero-initialised head picks them up.
+            small Swin collapse to a constant before the head picks them up.
         weight_decay: AdamW weight decay.
         warmup: warmup steps as a fraction of ``steps``.
     """
