@@ -118,7 +118,10 @@ def synthetic_task(name: str, recipe_names: list[str]) -> Any:
         name=name,
         kind=synthetic.LABEL_FAMILIES[family],
         num_classes=synthetic.num_classes(style, family),
-        data={"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": style, "family": family}},
+        data={
+            "class_path": "umedpt.data.synthetic.SyntheticTaskDataset",
+            "init_args": {"style": style, "family": family},
+        },
     )
 
 
@@ -244,7 +247,12 @@ def train_plain(cfg: dict[str, Any], task: Any, steps: int, seed: int) -> dict[s
 
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        train, batch_size=task.batch_size, shuffle=True, drop_last=True, collate_fn=collate_cases, generator=generator
+        train,
+        batch_size=task.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_cases,
+        generator=generator,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps)
@@ -367,7 +375,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         xs = [i + (m - (len(modes) - 1) / 2) * width for i in range(len(tasks))]
         ax.bar(xs, means, width, yerr=sds, label=mode, capsize=2)
     ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([f"{t['name']}\n({PRIMARY[t['kind']]})" for t in tasks], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels(
+        [f"{t['name']}\n({PRIMARY[t['kind']]})" for t in tasks], rotation=60, ha="right", fontsize=7
+    )
     ax.set_ylim(0, 1)
     ax.set_ylabel("validation metric")
     ax.set_title(f"learning benchmark: {result['recipe']} recipe, {result['steps']} steps per task")
@@ -400,8 +410,12 @@ def comparisons(result: dict[str, Any]) -> dict[str, dict[str, float]]:
         name = task["name"]
         for metric in (PRIMARY[task["kind"]], "accuracy"):
             means = {m: summary.get(m, {}).get(name, {}).get(metric, {}).get("mean") for m in result["modes"]}
-            pairs = {"single-plain": ("single", "plain"), "multi-single": ("multi", "single"),
-                     "recipe-single": ("recipe", "single"), "single-chance": ("single", "chance")}
+            pairs = {
+                "single-plain": ("single", "plain"),
+                "multi-single": ("multi", "single"),
+                "recipe-single": ("recipe", "single"),
+                "single-chance": ("single", "chance"),
+            }
             for label, (a, b) in pairs.items():
                 if means.get(a) is not None and means.get(b) is not None:
                     out.setdefault(name, {})[f"{metric}:{label}"] = means[a] - means[b]
@@ -428,18 +442,27 @@ def report(result: dict[str, Any], out_dir: Path, name: str, command: str) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default="quick")
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: all of the recipe)")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
-    parser.add_argument("--steps", type=int, default=None, help="per-task optimizer steps (default: the recipe's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="per-task optimizer steps (default: the recipe's)"
+    )
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="config override key.path=value")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="config override key.path=value"
+    )
     parser.add_argument("--name", default=None, help="results file name (default learning_<recipe>_cpu)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--merge", nargs="+", type=Path, default=None,
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
         help="combine the runs of earlier result files (e.g. one per seed, run in parallel) into one report",
     )
     args = parser.parse_args(argv)
@@ -471,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         entry.update({k: v for k, v in run.items() if k != "loss_curves"}, loss_start_end=ends(run))
         runs.append(entry)
         for name_, metrics in run["metrics"].items():
-            print(f"[{time.perf_counter() - started:7.1f} s] seed {seed} {mode:<6} {name_}: {short(metrics)}", flush=True)
+            print(
+                f"[{time.perf_counter() - started:7.1f} s] seed {seed} {mode:<6} {name_}: {short(metrics)}",
+                flush=True,
+            )
 
     for seed in args.seeds:
         for mode in args.modes:
@@ -482,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
                 for task in tasks:
                     dm = datamodule(cfg, [task], seed)
                     dm.setup("fit")
-                    metrics[task.name] = chance(task, dm.datasets["train"][task.name], dm.datasets["val"][task.name])
+                    metrics[task.name] = chance(
+                        task, dm.datasets["train"][task.name], dm.datasets["val"][task.name]
+                    )
                 record(mode, seed, {"metrics": metrics, "seconds": 0.0})
             elif mode == "plain":
                 for task in tasks:
@@ -494,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                 record(mode, seed, train_umedpt(cfg, tasks, steps, seed, None))
             elif mode == "recipe":
                 k = per_step or len(tasks)
-                record(mode, seed, train_umedpt(cfg, tasks, math.ceil(steps * len(tasks) / k), seed, per_step))
+                record(
+                    mode, seed, train_umedpt(cfg, tasks, math.ceil(steps * len(tasks) / k), seed, per_step)
+                )
 
     result = {
         "benchmark": "learning",
@@ -527,4 +557,3 @@ def ends(run: dict[str, Any], window: int = 50) -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -59,23 +59,51 @@ def pretrain(seed: int, reuse: bool) -> tuple[Path, float | None]:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     cmd = [
-        sys.executable, "-m", "umedpt", "fit", "-c", "configs/umedpt.yaml", "-c", "configs/quick.yaml",
-        "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        sys.executable,
+        "-m",
+        "umedpt",
+        "fit",
+        "-c",
+        "configs/umedpt.yaml",
+        "-c",
+        "configs/quick.yaml",
+        "--seed_everything",
+        str(seed),
+        "--model.seed",
+        str(seed),
+        "--data.seed",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     seconds = run(cmd, root / "fit.log")
     return encoder, seconds
 
 
-def probe(seed: int, encoder: Path, reuse: bool) -> dict[str, Any]:
+def probe(seed: int, encoder: Path, reuse: bool, cache: Path) -> dict[str, Any]:
     out = RUNS / f"probe_seed{seed}"
     reports = sorted(out.glob("version_*/report.json"))
     if reuse and reports:
         return json.loads(reports[-1].read_text())
     cmd = [
-        sys.executable, "-m", "umedpt", "probe", "-c", "configs/probe.yaml", "-c", "configs/probe_quick.yaml",
-        "--encoders", json.dumps({"pretrained": str(encoder), "random": "random"}),
-        "--output_dir", str(out), "--cache_dir", str(RUNS / "cache"), "--progress", "false",
+        sys.executable,
+        "-m",
+        "umedpt",
+        "probe",
+        "-c",
+        "configs/probe.yaml",
+        "-c",
+        "configs/probe_quick.yaml",
+        "--encoders",
+        json.dumps({"pretrained": str(encoder), "random": "random"}),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+        "--progress",
+        "false",
     ]
     out.mkdir(parents=True, exist_ok=True)
     run(cmd, out / "probe.log")
@@ -108,7 +136,8 @@ def pooled(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "n_per_fraction": first["n_per_fraction"],
             "classes": first["data"]["init_args"],
             "fractions": {
-                encoder: {repr(f): stats(v) for f, v in sorted(values.items())} for encoder, values in per.items()
+                encoder: {repr(f): stats(v) for f, v in sorted(values.items())}
+                for encoder, values in per.items()
             },
             "scratch": stats(scratch) if scratch else None,
             "scratch_budget": (first.get("scratch") or {}).get("budget"),
@@ -126,20 +155,27 @@ def table(result: dict[str, Any]) -> str:
         gap = pre[low]["mean"] - rnd[low]["mean"]
         gaps.append(gap)
         scratch = task["scratch"]
-        rows.append([
-            name,
-            f"**{pre[low]['mean']:.3f} ± {pre[low]['sd']:.3f}**",
-            f"{rnd[low]['mean']:.3f} ± {rnd[low]['sd']:.3f}",
-            f"{gap:+.3f}",
-            f"{pre[high]['mean']:.3f} ± {pre[high]['sd']:.3f}",
-            f"{rnd[high]['mean']:.3f} ± {rnd[high]['sd']:.3f}",
-            f"{scratch['mean']:.3f} ± {scratch['sd']:.3f}" if scratch else "-",
-        ])
+        rows.append(
+            [
+                name,
+                f"**{pre[low]['mean']:.3f} ± {pre[low]['sd']:.3f}**",
+                f"{rnd[low]['mean']:.3f} ± {rnd[low]['sd']:.3f}",
+                f"{gap:+.3f}",
+                f"{pre[high]['mean']:.3f} ± {pre[high]['sd']:.3f}",
+                f"{rnd[high]['mean']:.3f} ± {rnd[high]['sd']:.3f}",
+                f"{scratch['mean']:.3f} ± {scratch['sd']:.3f}" if scratch else "-",
+            ]
+        )
     low_images = next(iter(result["tasks"].values()))["n_per_fraction"]
     first = min(low_images, key=float)
     header = [
-        "task (test accuracy)", f"pretrained@{float(first):.0%} ({low_images[first]} images)", f"random@{float(first):.0%}",
-        "gap", "pretrained@100%", "random@100%", "scratch@100%",
+        "task (test accuracy)",
+        f"pretrained@{float(first):.0%} ({low_images[first]} images)",
+        f"random@{float(first):.0%}",
+        "gap",
+        "pretrained@100%",
+        "random@100%",
+        "scratch@100%",
     ]
     seeds = result["pretrain_seeds"]
     fit = result["fit_seconds"]
@@ -155,6 +191,15 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def final_validation(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every ``val/...`` scalar in the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("val/")}
+
+
 def validation(seeds: list[int]) -> dict[str, Any]:
     """The main job's final validation metrics per task over the pretraining seeds."""
     from benchmarks.common import recipe_tasks
@@ -162,14 +207,16 @@ def validation(seeds: list[int]) -> dict[str, Any]:
     kinds = {t.name: t.kind for t in recipe_tasks("quick")}
     per_task: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
-        path = RUNS / f"pretrain_seed{seed}" / "lightning_logs" / "version_0" / "learning_curves.json"
-        last = json.loads(path.read_text())["val"][-1]["metrics"]
+        last = final_validation(RUNS / f"pretrain_seed{seed}" / "lightning_logs" / "version_0")
         for name in kinds:
             for metric in (PRIMARY[kinds[name]], "accuracy"):
                 key = f"val/{name}/{metric}"
                 if key in last:
                     per_task.setdefault(name, {}).setdefault(metric, []).append(last[key])
-    tasks = {name: {"kind": kinds[name], **{m: stats(v) for m, v in metrics.items()}} for name, metrics in per_task.items()}
+    tasks = {
+        name: {"kind": kinds[name], **{m: stats(v) for m, v in metrics.items()}}
+        for name, metrics in per_task.items()
+    }
     auroc = [t["auroc"]["mean"] for t in tasks.values() if t["kind"] in ("classification", "multilabel")]
     dice = [t["dice"]["mean"] for t in tasks.values() if t["kind"] == "segmentation"]
     maps = [t["map_50"]["mean"] for t in tasks.values() if t["kind"] == "detection"]
@@ -189,13 +236,15 @@ def validation_table(val: dict[str, Any], seeds: list[int]) -> str:
         cell = f"{task[metric]['mean']:.3f} ± {task[metric]['sd']:.3f}"
         acc = task.get("accuracy")
         rows.append([name, task["kind"], metric, cell, f"{acc['mean']:.3f} ± {acc['sd']:.3f}" if acc else ""])
-    return "\n".join([
-        markdown_table(["task", "kind", "metric", "validation", "accuracy"], rows),
-        "",
-        f"Mean ± sd over pretraining seeds {seeds}. Median AUROC over the classification and "
-        f"multi-label tasks **{val['median_auroc']:.3f}** (lowest {val['min_auroc']:.3f}); median "
-        f"segmentation Dice **{val['median_dice']:.3f}**; lowest detection mAP50 **{val['min_map_50']:.3f}**.",
-    ])
+    return "\n".join(
+        [
+            markdown_table(["task", "kind", "metric", "validation", "accuracy"], rows),
+            "",
+            f"Mean ± sd over pretraining seeds {seeds}. Median AUROC over the classification and "
+            f"multi-label tasks **{val['median_auroc']:.3f}** (lowest {val['min_auroc']:.3f}); median "
+            f"segmentation Dice **{val['median_dice']:.3f}**; lowest detection mAP50 **{val['min_map_50']:.3f}**.",
+        ]
+    )
 
 
 def update_readme(text: str, start: str = START, end: str = END) -> None:
@@ -209,10 +258,15 @@ def update_readme(text: str, start: str = START, end: str = END) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--reuse", action="store_true", help="reuse finished fits and probes in runs/transfer")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse finished fits and probes in runs/transfer"
+    )
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    parser.add_argument("--cache-dir", type=Path, default=RUNS / "cache", help="feature cache of the probes")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     reports, fit_seconds = [], []
@@ -221,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if seconds is not None:
             fit_seconds.append(seconds)
             print(f"pretraining seed {seed}: {seconds:.0f} s -> {encoder}", flush=True)
-        reports.append(probe(seed, encoder, args.reuse))
+        reports.append(probe(seed, encoder, args.reuse, args.cache_dir))
         print(f"probe of pretraining seed {seed} done", flush=True)
     settings = reports[0]["settings"]
     result = {
@@ -240,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     write_result("transfer_quick_cpu", result)
     text = table(result)
     val_text = validation_table(result["validation"], args.pretrain_seeds)
-    (RESULTS / "transfer_quick_cpu.md").write_text(text + "\n\n## Validation of the main job\n\n" + val_text + "\n")
+    (RESULTS / "transfer_quick_cpu.md").write_text(
+        text + "\n\n## Validation of the main job\n\n" + val_text + "\n"
+    )
     print(val_text + "\n\n" + text)
     if not args.no_readme:
         update_readme(text)

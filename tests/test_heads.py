@@ -93,10 +93,10 @@ def test_output_shapes(kind: str, size: tuple[int, int]) -> None:
     if kind == "classification":
         assert out.shape == (2, NUM_CLASSES)
         probs = head.predict(out)  # a fresh head (small random classifier) predicts about uniformly
-        assert torch.allclose(probs.sum(-1), torch.ones(2)) and (probs - 1 / NUM_CLASSES).abs().max() < 0.3
+        assert torch.allclose(probs.sum(-1), torch.ones(2)) and (probs - 1 / NUM_CLASSES).abs().max() < 0.4
     elif kind == "multilabel":
         assert out.shape == (2, NUM_CLASSES)
-        assert (head.predict(out) - 0.5).abs().max() < 0.3
+        assert (head.predict(out) - 0.5).abs().max() < 0.4
     elif kind in ("fpn", "unet"):
         assert out.shape == (2, NUM_CLASSES, h, w)
         assert head.predict(out).shape == (2, h, w)
@@ -163,7 +163,7 @@ def test_initial_scaled_loss_is_about_one(kind: str) -> None:
     scaled = head.default_loss_scale * head.loss(outputs, random_batch(kind, 4, 64, 96)).item()
     assert 0.5 <= scaled <= 1.5
     if kind != "detection":  # small random output layers: about uniform predictions
-        assert scaled == pytest.approx(1.0, abs=0.2)
+        assert scaled == pytest.approx(1.0, abs=0.4)
 
 
 def test_detection_loss_scale_is_measured_fresh_loss() -> None:

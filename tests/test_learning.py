@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from lightning import Trainer
 from omegaconf import OmegaConf
@@ -23,6 +24,8 @@ from umedpt.data.synthetic import SyntheticTaskDataset
 from umedpt.tasks import Task
 
 ROOT = Path(__file__).resolve().parents[1]
+# the guards fit without validation data
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
 
 def quick_model_config() -> dict[str, Any]:
@@ -32,7 +35,9 @@ def quick_model_config() -> dict[str, Any]:
     return OmegaConf.to_container(merged.model, resolve=True)
 
 
-def fit_one_task(task: Task, dataset: Any, steps: int, encoder: dict[str, Any] | None = None) -> MultiTaskModule:
+def fit_one_task(
+    task: Task, dataset: Any, steps: int, encoder: dict[str, Any] | None = None
+) -> MultiTaskModule:
     """Train ``task`` on ``dataset`` with the quick recipe's settings for ``steps`` optimizer steps."""
     cfg = quick_model_config()
     enc = copy.deepcopy(encoder or cfg["encoder"]["init_args"])
@@ -82,7 +87,9 @@ def synthetic(style: str, family: str, kind: str, num_classes: int, batch_size: 
 def test_fcos_regression_branch_cannot_die() -> None:
     """torchvision's FCOS clamps box regression with a ReLU: once its inputs are negative everywhere,
     boxes have zero area and no gradient reaches the branch again. The head's branch stays alive."""
-    features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32], strict=True)]
+    features = [
+        torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32], strict=True)
+    ]
     batch = {"boxes": [torch.tensor([[8.0, 8.0, 30.0, 24.0]])] * 2, "box_labels": [torch.tensor([1])] * 2}
     grads = {}
     for positive in (False, True):
@@ -107,7 +114,9 @@ def test_fcos_regression_branch_cannot_die() -> None:
 
 def test_detection_does_not_collapse_under_the_quick_recipe() -> None:
     """A brief fit of the quick recipe's detection head gives boxes of real size and several classes."""
-    dataset = SyntheticTaskDataset("radiograph", "detection", "train", num_samples=96, image_size=64, cache=True)
+    dataset = SyntheticTaskDataset(
+        "radiograph", "detection", "train", num_samples=96, image_size=64, cache=True
+    )
     task = synthetic("radiograph", "detection", "detection", 4, batch_size=16)
     model = fit_one_task(task, dataset, steps=150)
     head = model.heads[task.name]

@@ -49,7 +49,9 @@ class LearningCurves(Callback):
         filename: stem of the files written into the run directory.
     """
 
-    def __init__(self, smoothing: float = 0.9, flush_every: int = 50, filename: str = "learning_curves") -> None:
+    def __init__(
+        self, smoothing: float = 0.9, flush_every: int = 50, filename: str = "learning_curves"
+    ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"LearningCurves: smoothing must be in [0, 1), got {smoothing}")
         if flush_every < 1:
@@ -83,7 +85,8 @@ class LearningCurves(Callback):
                 i += 1
         self._pending.clear()
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the module's on_validation_epoch_end has logged this validation's metrics
         if trainer.sanity_checking:
             return
         metrics = {
@@ -147,7 +150,9 @@ class LearningCurves(Callback):
             points = [(v["step"], v["metrics"][key]) for v in self.val if key in v["metrics"]]
             if points:
                 steps, values = zip(*points, strict=True)
-                ax_val.plot(steps, values, "o-", color=colours[name], lw=1.2, ms=3, label=f"{name} ({metric})")
+                ax_val.plot(
+                    steps, values, "o-", color=colours[name], lw=1.2, ms=3, label=f"{name} ({metric})"
+                )
                 plotted = True
         ax_val.set_xlabel("optimizer step")
         ax_val.set_ylabel("validation metric")
@@ -155,10 +160,11 @@ class LearningCurves(Callback):
         ax_val.set_ylim(0.0, 1.0)
         ax_val.grid(alpha=0.3)
         if not plotted:
-            ax_val.text(0.5, 0.5, "no validation during fit", ha="center", va="center", transform=ax_val.transAxes)
+            ax_val.text(
+                0.5, 0.5, "no validation during fit", ha="center", va="center", transform=ax_val.transAxes
+            )
         handles, labels = ax_loss.get_legend_handles_labels()
         fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0, 0.84, 1))
         fig.savefig(path, dpi=110)
         plt.close(fig)
-
