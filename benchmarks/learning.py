@@ -45,22 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, ROOT, load_recipe, markdown_table, write_result  # noqa: E402
+from umedpt.curves import PRIMARY_METRIC, LearningCurves  # noqa: E402
 
 MODES: tuple[str, ...] = ("chance", "plain", "single", "multi", "recipe")
-#: the metric reported per task kind (validation split)
-PRIMARY: dict[str, str] = {
-    "classification": "auroc",
-    "multilabel": "auroc",
-    "segmentation": "dice",
-    "detection": "map_50",
-}
-#: further metrics kept per kind
-SECONDARY: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "f1"),
-    "multilabel": ("f1",),
-    "segmentation": ("iou",),
-    "detection": ("map", "degenerate"),
-}
+#: the metric reported per task kind (validation split): the one the learning curves plot
+PRIMARY = PRIMARY_METRIC
 
 
 # ---------------------------------------------------------------------------------- recipe
@@ -149,17 +138,23 @@ def degenerate_fraction(predictions: list[dict[str, torch.Tensor]]) -> float:
 
 @torch.no_grad()
 def evaluate(forward: Any, head: Any, loader: Any) -> dict[str, float]:
-    """Validation metrics of a model (``forward(image) -> head outputs``) with the head's metrics."""
+    """Validation metrics of a model (``forward(image) -> head outputs``) with the head's metrics.
+
+    Detection also reports ``degenerate``, the fraction of predicted boxes without area.
+    """
     metrics = head.build_metrics()
-    degenerate: list[dict[str, torch.Tensor]] = []
+    detections: list[dict[str, torch.Tensor]] = []
     for batch in loader:
         outputs = forward(batch["image"])
-        head.update_metrics(metrics, outputs, batch)
-        if "boxes" in batch:
-            degenerate.extend(head.predict(outputs))
+        if "boxes" in head.target_keys:  # post-process once: for the metric and the box check
+            predictions = head.predict(outputs)
+            metrics.update(predictions, head.targets(batch))
+            detections.extend(predictions)
+        else:
+            head.update_metrics(metrics, outputs, batch)
     values = {k: float(v) for k, v in metrics.compute().items() if v.numel() == 1}
-    if degenerate or "boxes" in head.target_keys:
-        values["degenerate"] = degenerate_fraction(degenerate)
+    if "boxes" in head.target_keys:
+        values["degenerate"] = degenerate_fraction(detections)
     return values
 
 
@@ -175,13 +170,12 @@ def chance(task: Any, train: Any, val: Any) -> dict[str, float]:
 
     if task.kind == "detection":
         return {"map_50": 0.0, "map": 0.0, "degenerate": 0.0}
-    ch = [8, 16, 32, 64]
+    ch = [8, 16, 32, 64]  # the heads below only provide their metrics
     if task.kind == "classification":
         head = ClassificationHead(ch, [4, 8, 16, 32], task.num_classes)
         labels = torch.tensor(targets(train, "label"))
         prior = torch.bincount(labels, minlength=task.num_classes).float() / len(labels)
         val_labels = torch.tensor(targets(val, "label"))
-        # ties between images broken by a tiny jitter: AUROC of a constant score is 0.5
         probs = prior.expand(len(val_labels), -1).clone()
         metrics: MetricCollection = head.build_metrics()
         metrics.update(probs, val_labels)
@@ -225,6 +219,7 @@ def train_plain(cfg: dict[str, Any], task: Any, steps: int, seed: int) -> dict[s
             img_size=enc.get("img_size", 224),
             **enc.get("model_kwargs", {}),
         )
+        # timm's own pooled classifier predicts; the head only provides the task's metrics
         head = ClassificationHead([8, 16, 32, model.num_features], [4, 8, 16, 32], task.num_classes)
 
         def forward(image: torch.Tensor) -> torch.Tensor:
@@ -290,17 +285,8 @@ def train_umedpt(
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("tasks", "encoder")}
     model_cfg.update(export_encoder=False, tasks_per_step=tasks_per_step, seed=seed)
     model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**encoder_args(cfg)), **model_cfg)
-    accumulate = model.accumulate
-    curves: dict[str, list[float]] = {}
-
-    def recorded(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        losses = accumulate(batch)
-        for name, value in losses.items():
-            curves.setdefault(name, []).append(float(value) / model.loss_scales[name])
-        return losses
-
-    model.accumulate = recorded  # type: ignore[method-assign]
     dm = datamodule(cfg, tasks, seed)
+    curves = _Curves()
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -312,20 +298,30 @@ def train_umedpt(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        callbacks=[curves],
         default_root_dir=str(ROOT / "runs" / "benchmarks"),
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
-    dm.setup("validate")
     model.eval()
     metrics: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        loader = dm._loader(task, "val", 0)  # noqa: SLF001
+    for task, loader in zip(tasks, dm.val_dataloader(), strict=True):
         metrics[task.name] = evaluate(
             lambda image, n=task.name: model.forward_task(n, image), model.heads[task.name], loader
         )
-    return {"metrics": metrics, "seconds": seconds, "loss_curves": curves}
+    loss_curves = {  # unscaled, as the plain loop's
+        name: [value / model.loss_scales[name] for _, value in points]
+        for name, points in curves.train.items()
+    }
+    return {"metrics": metrics, "seconds": seconds, "loss_curves": loss_curves}
+
+
+class _Curves(LearningCurves):
+    """The per-task training losses of a fit, kept in memory (no files)."""
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.state_dict()  # copies the last recorded losses to the host
 
 
 # ---------------------------------------------------------------------------------- report

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,13 +30,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, ROOT, markdown_table, write_result  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, markdown_table, recipe_tasks, write_result  # noqa: E402
+from umedpt.curves import PRIMARY_METRIC as PRIMARY  # noqa: E402
 
 RUNS = ROOT / "runs" / "transfer"
 START, END = "<!-- transfer-table:start -->", "<!-- transfer-table:end -->"
 VAL_START, VAL_END = "<!-- validation-table:start -->", "<!-- validation-table:end -->"
-#: the validation metric of each task kind in the main job's table
-PRIMARY = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice", "detection": "map_50"}
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -54,8 +54,6 @@ def pretrain(seed: int, reuse: bool) -> tuple[Path, float | None]:
     if reuse and (encoder / "model.safetensors").is_file():
         return encoder, None
     if root.exists():
-        import shutil
-
         shutil.rmtree(root)
     root.mkdir(parents=True)
     cmd = [
@@ -134,7 +132,7 @@ def pooled(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "metric": first["metric"],
             "n_train": first["n_train"],
             "n_per_fraction": first["n_per_fraction"],
-            "classes": first["data"]["init_args"],
+            "data": first["data"]["init_args"],
             "fractions": {
                 encoder: {repr(f): stats(v) for f, v in sorted(values.items())}
                 for encoder, values in per.items()
@@ -202,8 +200,6 @@ def final_validation(run_dir: Path) -> dict[str, float]:
 
 def validation(seeds: list[int]) -> dict[str, Any]:
     """The main job's final validation metrics per task over the pretraining seeds."""
-    from benchmarks.common import recipe_tasks
-
     kinds = {t.name: t.kind for t in recipe_tasks("quick")}
     per_task: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:

@@ -19,6 +19,10 @@ from typing import Any
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+#: standard deviation of the truncated normal initial weights of the heads' output layers, as in
+#: timm's classifiers (a zero-initialised output layer passes no gradient back until it has grown)
+INIT_STD: float = 0.02
+
 
 class TaskHead(nn.Module, ABC):
     """Base class of task heads.

@@ -4,12 +4,14 @@ Both pool pyramid levels globally (by default every level: the coarsest ``pool_l
 apply a LayerNorm per level, concatenate, then optional dropout and a Linear layer. Pooling the
 fine levels too gives image-level tasks the texture statistics of the early stages directly
 (measured: the histology grade, a density of small nuclei, went from AUROC 0.57 with the last
-level only to 0.99 with all four after 300 steps, ``docs/learning.md``). The Linear layer starts small and random (truncated normal, std :data:`INIT_STD`,
-bias 0, as timm's classifiers), so a fresh head predicts nearly the uniform distribution and its
-loss is about ``ln C`` (multi-class) or ``ln 2`` (multi-label): ``default_loss_scale`` turns that
-into 1. A zero-initialised Linear layer would pass no gradient to the encoder until it has grown;
-measured on the quick recipe, a task trained that way stayed at one class for 1000 steps at a
-learning rate where the small random start matches a plain timm loop (``docs/learning.md``).
+level only to 0.99 with all four after 300 steps, ``docs/learning.md``).
+
+The Linear layer starts small and random (truncated normal, std ``heads.base.INIT_STD``,
+bias 0), so a fresh head predicts nearly the uniform distribution and its loss is about ``ln C``
+(multi-class) or ``ln 2`` (multi-label): ``default_loss_scale`` turns that into 1. A
+zero-initialised Linear layer passes no gradient to the encoder until it has grown; measured on
+the quick recipe, a task trained that way stayed at one class for 1000 steps at a learning rate
+where the small random start matches a plain timm loop.
 """
 
 from __future__ import annotations
@@ -30,13 +32,9 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from heads.base import TaskHead
+from heads.base import INIT_STD, TaskHead
 
-__all__ = ["INIT_STD", "ClassificationHead", "MultiLabelHead"]
-
-
-#: standard deviation of the (truncated normal) initial weights of the classifier layers, as in timm
-INIT_STD: float = 0.02
+__all__ = ["ClassificationHead", "MultiLabelHead"]
 
 
 class _PooledLinearHead(TaskHead):

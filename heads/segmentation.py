@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
-from heads.base import TaskHead
-from heads.classification import INIT_STD
+from heads.base import INIT_STD, TaskHead
 
 __all__ = ["SegmentationHead", "pad_to_pyramid"]
 

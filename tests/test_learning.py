@@ -7,25 +7,20 @@ defaults, encoder), so a change to the recipe that breaks learning fails here, i
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from lightning import Trainer
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
 from heads.detection import DetectionHead
 from umedpt import MultiTaskModule, SwinEncoder
+from umedpt.data import MultiTaskDataModule
 from umedpt.data.loading import collate_cases
-from umedpt.data.synthetic import SyntheticTaskDataset
 from umedpt.tasks import Task
 
 ROOT = Path(__file__).resolve().parents[1]
-# the guards fit without validation data
-pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
 
 def quick_model_config() -> dict[str, Any]:
@@ -35,34 +30,25 @@ def quick_model_config() -> dict[str, Any]:
     return OmegaConf.to_container(merged.model, resolve=True)
 
 
-def fit_one_task(
-    task: Task, dataset: Any, steps: int, encoder: dict[str, Any] | None = None
-) -> MultiTaskModule:
-    """Train ``task`` on ``dataset`` with the quick recipe's settings for ``steps`` optimizer steps."""
+def fit_one_task(task: Task, num_samples: int, steps: int) -> tuple[MultiTaskModule, Any]:
+    """Train ``task`` (``num_samples`` training images) with the quick recipe's settings.
+
+    Returns the model in eval mode and the task's training dataset.
+    """
     cfg = quick_model_config()
-    enc = copy.deepcopy(encoder or cfg["encoder"]["init_args"])
     kwargs = {k: v for k, v in cfg.items() if k not in ("tasks", "encoder")}
     kwargs.update(export_encoder=False, tasks_per_step=None)
     torch.manual_seed(0)
-    model = MultiTaskModule(tasks=[task], encoder=SwinEncoder(**enc), **kwargs)
-    loader = DataLoader(
-        dataset,
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate_cases,
-        generator=torch.Generator().manual_seed(0),
+    model = MultiTaskModule(tasks=[task], encoder=SwinEncoder(**cfg["encoder"]["init_args"]), **kwargs)
+    data = MultiTaskDataModule(
+        tasks=[task],
+        num_workers=0,
+        dataset_defaults={"image_size": 64, "num_samples": num_samples, "cache": True},
     )
-
-    class OneTask(torch.utils.data.IterableDataset):
-        def __iter__(self):  # {task: batch} dicts, as MultiTaskDataModule yields them
-            while True:
-                for batch in loader:
-                    yield {task.name: batch}
-
     trainer = Trainer(
         accelerator="cpu",
         max_steps=steps,
+        max_epochs=-1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -70,8 +56,8 @@ def fit_one_task(
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, DataLoader(OneTask(), batch_size=None))
-    return model.eval()
+    trainer.fit(model, datamodule=data)
+    return model.eval(), data.datasets["train"][task.name]
 
 
 def synthetic(style: str, family: str, kind: str, num_classes: int, batch_size: int) -> Task:
@@ -80,7 +66,10 @@ def synthetic(style: str, family: str, kind: str, num_classes: int, batch_size: 
         kind=kind,
         num_classes=num_classes,
         batch_size=batch_size,
-        data={"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": style}},
+        data={
+            "class_path": "umedpt.data.synthetic.SyntheticTaskDataset",
+            "init_args": {"style": style, "family": family},
+        },
     )
 
 
@@ -114,11 +103,8 @@ def test_fcos_regression_branch_cannot_die() -> None:
 
 def test_detection_does_not_collapse_under_the_quick_recipe() -> None:
     """A brief fit of the quick recipe's detection head gives boxes of real size and several classes."""
-    dataset = SyntheticTaskDataset(
-        "radiograph", "detection", "train", num_samples=96, image_size=64, cache=True
-    )
     task = synthetic("radiograph", "detection", "detection", 4, batch_size=16)
-    model = fit_one_task(task, dataset, steps=150)
+    model, dataset = fit_one_task(task, num_samples=96, steps=150)
     head = model.heads[task.name]
     head.fcos.score_thresh = 0.05  # see what the head predicts, not only its confident boxes
     batch = collate_cases([dataset[i] for i in range(32)])
@@ -139,10 +125,8 @@ def test_detection_does_not_collapse_under_the_quick_recipe() -> None:
 
 def test_a_classification_task_overfits_32_images() -> None:
     """The standard sanity check: the quick recipe's encoder and head memorise 32 images."""
-    dataset = SyntheticTaskDataset("radiograph", "grade", "train", num_samples=32, image_size=64, cache=True)
     task = synthetic("radiograph", "grade", "classification", 3, batch_size=16)
-    task.data["init_args"]["family"] = "grade"
-    model = fit_one_task(task, dataset, steps=200)
+    model, dataset = fit_one_task(task, num_samples=32, steps=200)
     batch = collate_cases([dataset[i] for i in range(32)])
     with torch.no_grad():
         logits = model.forward_task(task.name, batch["image"])
