@@ -270,3 +270,40 @@ def test_group_to_device_leaves_keep_on_host_keys_on_the_host(tasks, batch):
     moved = model.group_to_device([name], batch)
     assert moved[name]["image"].device.type == "meta"
     assert moved[name]["label"].device.type == "cpu"
+
+
+def test_per_task_clipping_sums_each_task_gradient_clipped_on_its_own(tasks, batch):
+    max_norm = 0.05  # below every task's gradient norm: each one is clipped
+    model = make_module(tasks, grad_clip_norm=max_norm, grad_clip_mode="per_task")
+    expected = {name: torch.zeros_like(p) for name, p in model.encoder.named_parameters()}
+    for task in model.task_names:
+        reference = copy.deepcopy(model)
+        reference.task_loss(task, batch[task]).backward()
+        params = [p for p in [*reference.encoder.parameters(), *reference.heads[task].parameters()] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        assert norm > max_norm, task
+        for name, p in reference.encoder.named_parameters():
+            if p.grad is not None:
+                expected[name] += p.grad
+        for (name, _), q in zip(model.heads[task].named_parameters(), reference.heads[task].parameters(), strict=True):
+            expected[f"heads.{task}.{name}"] = q.grad
+
+    model.accumulate(batch)
+
+    for name, p in model.encoder.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    for task in model.task_names:
+        for name, p in model.heads[task].named_parameters():
+            want = expected[f"heads.{task}.{name}"]
+            if want is None:
+                assert p.grad is None or not p.grad.any(), name
+            else:
+                torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7)
+    # the summed gradient is larger than one clip: the step is not clipped again as a whole
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.encoder.parameters() if p.grad is not None])
+    assert total > max_norm
+
+
+def test_grad_clip_mode_is_checked(tasks):
+    with pytest.raises(ValueError, match="grad_clip_mode must be 'global' or 'per_task', got 'task'"):
+        make_module(tasks, grad_clip_mode="task")

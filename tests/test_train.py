@@ -17,6 +17,7 @@ from tests.conftest import TINY_ENCODER, mixed_tasks
 from umedpt import MultiTaskModule, SwinEncoder, load_encoder
 from umedpt.cli import main
 from umedpt.data import MultiTaskDataModule
+from umedpt.device import default_precision
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -252,7 +253,7 @@ def test_recipe_config_builds_17_tasks_of_all_kinds():
     }
     assert cli.model.encoder.config["name"] == "swin_tiny_patch4_window7_224"
     assert cli.model.encoder.config["img_size"] == 224
-    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.trainer.precision == default_precision("auto")  # set by device, not by the recipe
     quick = main(["-c", str(root / "umedpt.yaml"), "-c", str(root / "quick.yaml")], run=False)
     assert quick.model.task_names == cli.model.task_names
     assert quick.datamodule.dataset_defaults["image_size"] == 64

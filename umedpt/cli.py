@@ -10,6 +10,7 @@ Commands that are not Trainer methods are listed in :data:`COMMANDS`; each is a 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -19,12 +20,15 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from umedpt.curves import LearningCurves  # noqa: E402
 from umedpt.data.datamodule import MultiTaskDataModule  # noqa: E402
+from umedpt.device import default_precision  # noqa: E402
 from umedpt.module import MultiTaskModule  # noqa: E402
 from umedpt.predict import TaskPredictionWriter  # noqa: E402
+from umedpt.reporting import MetricsReport, StepProgressBar  # noqa: E402
 
 #: command name -> "module:function"; the function takes the remaining arguments, returns an exit code.
 COMMANDS: dict[str, str] = {
@@ -35,7 +39,110 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class UMedPTCLI(LightningCLI):
+#: one line per command of :data:`COMMANDS`, for ``--help``
+COMMAND_HELP: dict[str, str] = {
+    "probe": "linear probes of frozen encoders on held-out tasks (umedpt probe --help)",
+    "data": "check task data before training: umedpt data check -c CONFIG",
+    "pseudo-label": "cross-task pseudo labels from trained heads into a new manifest (pseudo-IMAX)",
+    "mllm-evaluate": "score the generated answers of an MLLM predict run per task and dataset",
+}
+
+DESCRIPTION = (
+    "umedpt: multi-task pretraining of one shared encoder on many biomedical imaging tasks. "
+    "This `lightning` command is umedpt's (it replaces Lightning's own script of that name); "
+    "`umedpt` and `python -m umedpt` are the same command. Trainer subcommands: fit, validate, test, "
+    "predict, each with a config, e.g. `lightning fit -c configs/umedpt.yaml -c configs/quick.yaml`. "
+    "Other commands: "
+    + "; ".join(f"`{name}`: {text}" for name, text in COMMAND_HELP.items())
+    + "."
+)
+
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _did_you_mean(message: str, parser: Any) -> str:
+    """`` (did you mean --model.lr?)`` for the unrecognised options named in ``message``."""
+    if "unrecognized arguments:" not in message:
+        return ""
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for token in message.split("unrecognized arguments:", 1)[1].split():
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                hints.append(f"{close[0]} for {token.split('=', 1)[0]}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+class _Parser(LightningArgumentParser):
+    """LightningCLI's parser with one-line errors: the message, a close option name, where help is.
+
+    ``UMEDPT_DEBUG=1`` restores jsonargparse's full usage text.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error or os.environ.get("UMEDPT_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"{prog}: error: {message.strip()}{_did_you_mean(message, parser)}\n"
+            f"(`{prog} --help` lists the accepted options)\n"
+        )
+        sys.exit(2)
+
+
+class _CommandsCLI(LightningCLI):
+    """LightningCLI with umedpt's command behaviour (both the pretraining and the class-path form).
+
+    - ``validate`` / ``test`` print umedpt's compact per-task table instead of Lightning's
+      tables (``--verbose true`` brings those back);
+    - ``predict`` refuses to run without ``--ckpt_path`` (random weights), unless
+      ``--untrained true`` says that is what is wanted.
+    """
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(verbose=False)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--untrained",
+                type=bool,
+                default=False,
+                help="predict with the model's initial (untrained) weights when no --ckpt_path is given",
+            )
+        return parser
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # umedpt's progress bar unless the user switched bars off or configured one
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in configured
+        ):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_instantiate_classes(self) -> None:
+        # the precision follows the device unless the configuration sets one
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("precision") is None:
+            trainer["precision"] = default_precision(trainer.get("accelerator"))
+
+    def before_predict(self) -> None:
+        config = self.config_init["predict"]
+        if config.get("ckpt_path") is None and not config.get("untrained", False):
+            raise SystemExit(
+                "umedpt predict: no --ckpt_path given, so the predictions would come from untrained "
+                "(random) weights. Pass the checkpoint of a fit, e.g. --ckpt_path "
+                "runs/quick/lightning_logs/version_0/checkpoints/last.ckpt, or --untrained true "
+                "to predict with the initial weights on purpose."
+            )
+
+
+class UMedPTCLI(_CommandsCLI):
     """LightningCLI whose datamodule receives the model's task list."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -81,16 +188,28 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     if argv_list and argv_list[0] in COMMANDS:
         module_name, func = COMMANDS[argv_list[0]].split(":")
         return getattr(importlib.import_module(module_name), func)(argv_list[1:])
+    if (
+        argv_list
+        and argv_list[0] in TRAINER_COMMANDS
+        and not _config_paths(argv_list)
+        and not any(a in ("-h", "--help") or a.startswith("--model") for a in argv_list)
+    ):
+        raise SystemExit(
+            f"umedpt {argv_list[0]}: pass a config, e.g. `lightning {argv_list[0]} -c configs/umedpt.yaml "
+            "-c configs/quick.yaml` (the quick CPU recipe) or `-c configs/umedpt.yaml` (the full one)"
+        )
     argv = sys.argv
     if args is not None:
         sys.argv = argv[:1]
     try:
         if _names_model_class(argv_list):
-            return LightningCLI(
+            return _CommandsCLI(
                 args=argv_list if args is not None else None,
                 run=run,
                 subclass_mode_data=True,
-                parser_kwargs={"parser_mode": "omegaconf"},
+                auto_configure_optimizers=False,  # the modules configure their own optimisers
+                parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
+                parser_class=_Parser,
                 save_config_kwargs={"overwrite": True},
                 seed_everything_default=0,
             )
@@ -99,19 +218,36 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> Any:
             MultiTaskDataModule,
             args=argv_list if args is not None else None,
             run=run,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
+            parser_class=_Parser,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            auto_configure_optimizers=False,  # MultiTaskModule builds its own AdamW and schedule
             # always present (not configurable): predict writes one file per task, fit plots
-            # per-task learning curves into the run directory
-            trainer_defaults={"callbacks": [TaskPredictionWriter(), LearningCurves()]},
+            # per-task learning curves into the run directory, every run writes its metrics files,
+            # (the progress bar, umedpt.reporting.StepProgressBar, is added by _CommandsCLI)
+            trainer_defaults={
+                "callbacks": [TaskPredictionWriter(), LearningCurves(), MetricsReport()]
+            },
         )
     finally:
         sys.argv = argv
 
 
 def run_cli() -> None:
-    """Console entry point of ``lightning`` and ``umedpt`` (the exit status comes from the run)."""
-    result = main()
+    """Console entry point of ``lightning`` and ``umedpt`` (the exit status comes from the run).
+
+    A configuration or data error (``ValueError``, ``TypeError``, ``KeyError``, ``ImportError``,
+    ``OSError``) prints its message as one line, exit status 2; ``UMEDPT_DEBUG=1`` shows the
+    traceback instead.
+    """
+    try:
+        result = main()
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as err:
+        if os.environ.get("UMEDPT_DEBUG"):
+            raise
+        text = str(err).strip() or repr(err)
+        sys.stderr.write(f"umedpt: error ({type(err).__name__}): {text}\n(UMEDPT_DEBUG=1 shows the traceback)\n")
+        sys.exit(2)
     if isinstance(result, int):
         sys.exit(result)

@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
+from umedpt.reporting import metrics_by_task
 from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
 
 
@@ -63,7 +64,12 @@ class MultiTaskModule(LightningModule):
         weight_decay: AdamW weight decay (not applied to biases and 1-d parameters).
         warmup_steps: linear warmup in optimizer steps; a value < 1 is a fraction of all steps.
         min_lr_ratio: final learning rate of the cosine schedule relative to ``lr``.
-        grad_clip_norm: clip the global gradient norm to this value (``None``: no clipping).
+        grad_clip_norm: clip the gradient norm to this value (``None``: no clipping).
+        grad_clip_mode: ``"global"`` clips the norm of the step's summed gradient (all tasks
+            together); ``"per_task"`` clips each task's gradient (shared encoder + its head) on
+            its own before it is added to the others', so a task with large gradients cannot
+            shrink the share of the step the other tasks get (costs one more copy of the
+            encoder's gradients). The same with one task per step.
         tasks_per_step: train a random subset of this many tasks per step (``None``: all).
         nonfinite: ``"raise"`` stops on a NaN/inf task loss naming the task and step;
             ``"skip"`` drops that task's batch with a warning (one host sync per task).
@@ -95,6 +101,7 @@ class MultiTaskModule(LightningModule):
         warmup_steps: float = 0.05,
         min_lr_ratio: float = 0.01,
         grad_clip_norm: float | None = 1.0,
+        grad_clip_mode: Literal["global", "per_task"] = "global",
         tasks_per_step: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
@@ -136,6 +143,8 @@ class MultiTaskModule(LightningModule):
             raise ValueError(f"tasks_per_step must be in 1..{len(task_list)}, got {tasks_per_step}")
         if not head_lr_factor > 0:
             raise ValueError(f"head_lr_factor must be > 0, got {head_lr_factor}")
+        if grad_clip_mode not in ("global", "per_task"):
+            raise ValueError(f"grad_clip_mode must be 'global' or 'per_task', got {grad_clip_mode!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.val_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
@@ -160,6 +169,7 @@ class MultiTaskModule(LightningModule):
                 "warmup_steps": warmup_steps,
                 "min_lr_ratio": min_lr_ratio,
                 "grad_clip_norm": grad_clip_norm,
+                "grad_clip_mode": grad_clip_mode,
                 "tasks_per_step": tasks_per_step,
                 "nonfinite": nonfinite,
                 "export_encoder": export_encoder,
@@ -228,19 +238,50 @@ class MultiTaskModule(LightningModule):
         losses: dict[str, Tensor] = {}
         for i, group in enumerate(groups):
             last = i == len(groups) - 1
-            sync = nullcontext() if (last or not attached) else optimizer.toggle_model(sync_grad=False)
+            # clipped per task, each task's gradient is synchronised by its own backward
+            deferred = not (last or not attached or self._clips_per_task)
+            sync = optimizer.toggle_model(sync_grad=False) if deferred else nullcontext()
             with sync:
                 group_losses = self.group_losses(group, self.group_to_device(group, batch))
                 total = sum(group_losses.values())
+                earlier = self._stash_encoder_grads() if self._clips_per_task else None
                 if attached:
                     self.manual_backward(total)
                 else:
                     total.backward()
+                if earlier is not None:
+                    self._clip_and_restore(group, earlier)
             losses.update({name: loss.detach() for name, loss in group_losses.items()})
             del group_losses, total
         if self.hparams.nonfinite == "raise":
             self._check_finite(losses)
         return losses
+
+    @property
+    def _clips_per_task(self) -> bool:
+        hp = self.hparams
+        return hp.get("grad_clip_mode", "global") == "per_task" and hp.grad_clip_norm is not None
+
+    def _stash_encoder_grads(self) -> list[Tensor | None]:
+        """The encoder's gradients of the earlier groups of this step; ``.grad`` is left empty."""
+        earlier = []
+        for p in self.encoder.parameters():
+            earlier.append(p.grad)
+            p.grad = None
+        return earlier
+
+    def _clip_and_restore(self, group: list[str], earlier: list[Tensor | None]) -> None:
+        """Clip this group's gradient (encoder + its heads) alone, then add the earlier ones back."""
+        params = [p for p in self.encoder.parameters() if p.grad is not None]
+        params += [p for name in group for p in self.heads[name].parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip_norm, foreach=True)
+        for p, grad in zip(self.encoder.parameters(), earlier, strict=True):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
 
     def group_to_device(self, group: list[str], batch: dict[str, Any]) -> dict[str, Any]:
         """The batches of ``group`` on the module's device (a tensor shared by tasks moves once;
@@ -330,7 +371,7 @@ class MultiTaskModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # gradients are unscaled here (also with fp16 + GradScaler)
-        if self.hparams.grad_clip_norm is not None:
+        if self.hparams.grad_clip_norm is not None and not self._clips_per_task:
             norm = torch.nn.utils.clip_grad_norm_(
                 self.parameters(), self.hparams.grad_clip_norm, foreach=True
             )
@@ -432,12 +473,8 @@ class MultiTaskModule(LightningModule):
 
     def metrics_table(self, split: str) -> str:
         """The last logged ``split`` metrics as a text table, one row per task."""
-        logged = self.trainer.callback_metrics
         rows = []
-        for name, task in self.tasks.items():
-            prefix = f"{split}/{name}/"
-            values = {k[len(prefix) :]: float(v) for k, v in logged.items() if k.startswith(prefix)}
-            if values:
-                cells = "  ".join(f"{k}={v:.3f}" for k, v in sorted(values.items()))
-                rows.append(f"  {name:<24} {task.kind:<15} {cells}")
+        for name, values in metrics_by_task(self.trainer.callback_metrics, split, self.task_names).items():
+            cells = "  ".join(f"{k}={v:.3f}" for k, v in values.items())
+            rows.append(f"  {name:<24} {self.tasks[name].kind:<15} {cells}")
         return f"umedpt: {split} metrics per task\n" + "\n".join(rows) if rows else ""
