@@ -36,7 +36,9 @@ from umedpt import MultiTaskModule, SwinEncoder, Task  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_SIZE = 2
-MODES = ("no_sync", "sync_every_task")
+MODES = ("no_sync", "sync_every_task", "per_task_clip")
+#: the clip norm of the ``per_task_clip`` mode (below every task's gradient norm)
+CLIP = 0.05
 
 # comm-hook calls in this process: one entry per call, the number of gradient elements reduced
 HOOK_CALLS: list[int] = []
@@ -53,7 +55,7 @@ def tasks() -> list[Task]:
     return mixed_tasks(batch_size=BATCH_SIZE)
 
 
-def build_model(seed: int) -> MultiTaskModule:
+def build_model(seed: int, **kw: Any) -> MultiTaskModule:
     """The model of the run: deterministic forward, raw gradients (no clipping), nothing exported.
 
     timm's Swin has stochastic depth by default (``drop_path_rate=0.1``): its random draws differ
@@ -61,13 +63,8 @@ def build_model(seed: int) -> MultiTaskModule:
     """
     torch.manual_seed(seed)
     encoder = {**TINY_ENCODER, "model_kwargs": {**TINY_ENCODER["model_kwargs"], "drop_path_rate": 0.0}}
-    return MultiTaskModule(
-        tasks=tasks(),
-        encoder=SwinEncoder(**encoder),
-        grad_clip_norm=None,
-        warmup_steps=1,
-        export_encoder=False,
-    )
+    settings = {"grad_clip_norm": None, "warmup_steps": 1, "export_encoder": False, **kw}
+    return MultiTaskModule(tasks=tasks(), encoder=SwinEncoder(**encoder), **settings)
 
 
 def rank_batch(task_list: list[Task], rank: int, step: int) -> dict[str, dict[str, Any]]:
@@ -147,7 +144,7 @@ def main(out: Path, max_steps: int) -> None:
             t.name: DataLoader([b[t.name] for b in batches], batch_size=None, shuffle=False)
             for t in task_list
         }
-        strategy_cls = DDPStrategy if mode == "no_sync" else SyncEveryBackward
+        strategy_cls = SyncEveryBackward if mode == "sync_every_task" else DDPStrategy
         strategy = strategy_cls(
             process_group_backend="gloo",
             find_unused_parameters=True,
@@ -170,7 +167,8 @@ def main(out: Path, max_steps: int) -> None:
             callbacks=[Recorder(folder)],
         )
         # a different seed per rank: DDP must broadcast rank 0's weights
-        model = build_model(seed=rank)
+        clip = {"grad_clip_norm": CLIP, "grad_clip_mode": "per_task"} if mode == "per_task_clip" else {}
+        model = build_model(seed=rank, **clip)
         trainer.fit(model, train_dataloaders=CombinedLoader(loaders, mode="max_size_cycle"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

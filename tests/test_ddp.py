@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.ddp_worker import MODES, WORLD_SIZE, build_model, rank_batch, tasks
+from tests.ddp_worker import CLIP, MODES, WORLD_SIZE, build_model, rank_batch, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 2
@@ -174,7 +174,7 @@ def test_gradients_are_identical_on_all_ranks(run, mode):
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["no_sync", "sync_every_task"])
 def test_gradients_equal_the_rank_averaged_reference(run, mode):
     local = per_rank_reference(run[mode][0]["initial"])
     expected = {n: sum(g[n] for g in local) / WORLD_SIZE for n in local[0]}
@@ -196,3 +196,30 @@ def test_gradients_equal_the_rank_averaged_reference(run, mode):
             f"{mode}, rank {r}: {len(wrong)}/{len(got)} gradients differ from the rank-averaged reference, "
             f"e.g. {wrong[:6]}; max |diff| {diff:.3g} at {worst} (between the ranks' own gradients: {spread:.3g})"
         )
+
+
+def test_per_task_clipping_under_ddp_clips_each_rank_averaged_task_gradient(run):
+    """Each task's gradient is averaged over the ranks, then clipped on its own, then summed."""
+    initial = run["per_task_clip"][0]["initial"]
+    model = build_model(seed=123)
+    model.load_state_dict(initial)
+    task_list = tasks()
+    expected: dict[str, torch.Tensor] = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for task in model.task_names:
+        per_rank = []
+        for rank in range(WORLD_SIZE):
+            model.zero_grad(set_to_none=True)
+            model.task_loss(task, rank_batch(task_list, rank, step=0)[task]).backward()
+            per_rank.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        mean = {n: sum(g[n] for g in per_rank) / WORLD_SIZE for n in per_rank[0]}
+        norm = torch.nn.utils.get_total_norm(list(mean.values()))
+        assert norm > CLIP, task  # the clip acts on every task
+        for n, g in mean.items():
+            expected[n] += g * (CLIP / (norm + 1e-6))
+    for r, rank in enumerate(run["per_task_clip"]):
+        got = rank["grads"]
+        wrong = [n for n in got if not torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-7)]
+        diff, worst = max_abs_diff(got, {n: expected[n] for n in got})
+        assert not wrong, f"rank {r}: {len(wrong)}/{len(got)} gradients differ, max |diff| {diff:.3g} at {worst}"
+    # one all-reduce per task: each task's clip needs its rank-averaged gradient
+    assert all(c == [len(task_list)] * MAX_STEPS for c in [x["record"]["calls_per_step"] for x in run["per_task_clip"]])

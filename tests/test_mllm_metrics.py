@@ -123,3 +123,14 @@ def test_evaluate_help(capsys):
         main(["mllm-evaluate", "--help"])
     assert exit_info.value.code == 0
     assert "predictions JSONL" in capsys.readouterr().out
+
+
+def test_routing_plot_names_the_text_only_tasks_it_has_no_row_for(tmp_path):
+    from umedpt.mllm.plots import plot_routing, text_only_note
+
+    weights = {"vqa": [0.7, 0.3], "caption": [0.2, 0.8]}
+    note = text_only_note(weights)
+    assert note is not None and "[qa]" in note and "text-only" in note
+    assert text_only_note({**weights, "qa": [0.5, 0.5]}) is None
+    path = plot_routing(weights, tmp_path / "r.png", note=note)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

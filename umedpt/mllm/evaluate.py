@@ -64,9 +64,14 @@ def evaluate(
     table = markdown_table(rows)
     (out / "metrics.md").write_text(f"# MLLM evaluation of `{predictions}`\n\nScores in %.\n\n{table}")
     if routing:
-        from umedpt.mllm.plots import plot_routing
+        from umedpt.mllm.plots import plot_routing, text_only_note
 
-        plot_routing(routing, out / "routing_weights_predict.png", title="routing weights (predict)")
+        plot_routing(
+            routing,
+            out / "routing_weights_predict.png",
+            title="routing weights (predict)",
+            note=text_only_note(routing),
+        )
     print(table, end="")
     print(f"umedpt: metrics written to {out / 'metrics.json'} and {out / 'metrics.md'}")
     return report

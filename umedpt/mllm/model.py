@@ -341,11 +341,16 @@ class MLLMModule(LightningModule):
         """Write the last epoch's routing weights per task: ``routing_weights.json`` and ``.png``."""
         if not self.trainer.is_global_zero or not self.routing_means:
             return
-        from umedpt.mllm.plots import plot_routing
+        from umedpt.mllm.plots import plot_routing, text_only_note
 
         run = self._run_dir()
         (run / "routing_weights.json").write_text(json.dumps(self.routing_means, indent=1) + "\n")
-        plot_routing(self.routing_means, run / "routing_weights.png", title="training routing weights")
+        plot_routing(
+            self.routing_means,
+            run / "routing_weights.png",
+            title="training routing weights",
+            note=text_only_note(self.routing_means),
+        )
 
     def _run_dir(self) -> Path:
         path = Path(self.trainer.log_dir or self.trainer.default_root_dir)
