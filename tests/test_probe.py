@@ -286,3 +286,19 @@ def test_probe_help_lists_the_settings(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--encoders" in out and "--fractions" in out and "--scratch" in out
+
+
+def test_probe_reports_every_phase_on_stderr(exported, tmp_path, capsys):
+    tasks = [_task("ct_count", "ct", "count_bin", "classification", 4, 40)]
+    config = _config(tmp_path, exported, tasks, progress=True, seeds=[0])
+    assert main(["-c", str(config)]) == 0
+    err = capsys.readouterr().err
+    for phase in (
+        "umedpt probe: task ct_count (classification): building its splits",
+        "umedpt probe: task ct_count: train 40",
+        "features ct_count",  # extraction bar per split
+        "linear probes ct_count",  # one bar over the probe fits
+        "umedpt probe: task ct_count: 4 probes in",
+        "umedpt probe: task ct_count: scratch baseline, 1 run(s)",
+    ):
+        assert phase in err, phase

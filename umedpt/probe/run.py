@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,13 +155,22 @@ class _TaskProbe:
         settings: ProbeSettings,
     ) -> None:
         self.task, self.encoders, self.hashes, self.cache, self.s = task, encoders, hashes, cache, settings
+        start = time.perf_counter()
+        self.say(f"task {task.name} ({task.kind}): building its splits")
         self.datasets, self.specs = build_splits(task, settings.dataset_defaults)
+        sizes = ", ".join(f"{split} {len(self.datasets[split])}" for split in SPLITS)
+        self.say(f"task {task.name}: {sizes} images ({time.perf_counter() - start:.1f} s)")
         check_channels(encoders, task.name, int(self.datasets["train"][0]["image"].shape[0]))
         self.linear = settings.mode == "linear" and task.kind != "segmentation"
         self.features: dict[str, dict[str, Any]] = {}
         self.fitted: dict[tuple[str, bytes], dict[str, Any]] = {}  # linear probes are deterministic
         self.labels: np.ndarray | None = None
         self.timing = {"features_s": 0.0, "probes_s": 0.0, "scratch_s": 0.0}
+
+    def say(self, message: str) -> None:
+        """One line of progress on stderr (with ``progress``), so that no phase is silent."""
+        if self.s.progress:
+            print(f"umedpt probe: {message}", file=sys.stderr, flush=True)
 
     def _extract(self) -> None:
         start = time.perf_counter()
@@ -227,6 +237,7 @@ class _TaskProbe:
         if budget is None or self.s.scratch_runs < 1:
             return None
         start = time.perf_counter()
+        self.say(f"task {self.task.name}: scratch baseline, {self.s.scratch_runs} run(s) on 100% of the data")
         config = next(iter(self.encoders.values())).config
         everything = np.arange(len(self.datasets["train"]))
         runs = []
@@ -252,13 +263,17 @@ class _TaskProbe:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in self.encoders}
         sizes: dict[str, int] = {}
         total = len(self.datasets["train"])
-        for fraction in self.s.fractions:
-            for seed in self.s.seeds:
-                indices = stratified_subset(self.labels, fraction, seed, total=total)
-                sizes[repr(fraction)] = len(indices)
-                for name in self.encoders:
-                    runs[name].append(self._one(name, indices, fraction, seed))
+        from tqdm.auto import tqdm
+
+        jobs = [(f, seed, name) for f in self.s.fractions for seed in self.s.seeds for name in self.encoders]
+        # linear probes have no bar of their own; trained heads show one per run
+        bar = tqdm(jobs, desc=f"linear probes {self.task.name}", unit="fit", disable=not (self.s.progress and self.linear))
+        for fraction, seed, name in bar:
+            indices = stratified_subset(self.labels, fraction, seed, total=total)
+            sizes[repr(fraction)] = len(indices)
+            runs[name].append(self._one(name, indices, fraction, seed))
         self.timing["probes_s"] += time.perf_counter() - start
+        self.say(f"task {self.task.name}: {len(jobs)} probes in {self.timing['probes_s']:.1f} s")
         metric = PRIMARY_METRIC[self.task.kind]
         method, detail = _method(self.task, self.s)
         return {
