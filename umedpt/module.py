@@ -372,9 +372,9 @@ class MultiTaskModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # gradients are unscaled here (also with fp16 + GradScaler)
         if self.hparams.grad_clip_norm is not None and not self._clips_per_task:
-            norm = torch.nn.utils.clip_grad_norm_(
-                self.parameters(), self.hparams.grad_clip_norm, foreach=True
-            )
+            # only the parameters this step trained (the other tasks' heads have no gradient)
+            trained = [p for p in self.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(trained, self.hparams.grad_clip_norm, foreach=True)
             self.log("train/grad_norm", norm)
 
     # ------------------------------------------------------------------ evaluation
