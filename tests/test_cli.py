@@ -150,3 +150,38 @@ def test_console_errors_are_one_line_unless_debugging(tmp_path, monkeypatch, cap
     monkeypatch.setenv("UMEDPT_DEBUG", "1")
     with pytest.raises(ValueError, match="num_classes=7"):
         run_cli()
+
+
+def _fit(root: Path, *extra: str):
+    return main(["fit", "-c", str(CONF), "--trainer.default_root_dir", str(root),
+                 "--trainer.enable_progress_bar", "false", *extra])
+
+
+def test_commands_from_a_checkpoint_write_into_its_run(tmp_path):
+    fitted = _fit(tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert Path(fitted.trainer.log_dir) == run
+    ckpt = sorted((run / "checkpoints").glob("*.ckpt"))[-1]
+    tested = main(["test", "-c", str(CONF), "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path),
+                   "--trainer.enable_progress_bar", "false"])
+    assert Path(tested.trainer.log_dir) == run and (run / "metrics_test.json").is_file()
+    predicted = main(["predict", "-c", str(CONF), "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path),
+                      "--trainer.enable_progress_bar", "false"])
+    assert Path(predicted.trainer.log_dir) == run and (run / "predictions" / "xr_grade.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # no new folders
+
+
+def test_fit_ckpt_path_last_resumes_the_newest_run_in_place(tmp_path, capsys):
+    _fit(tmp_path)
+    resumed = _fit(tmp_path, "--ckpt_path", "last", "--trainer.max_epochs", "2")
+    assert resumed.trainer.global_step == 4  # 2 steps per epoch: it went on from step 2
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert Path(resumed.trainer.log_dir) == run
+    assert "umedpt: --ckpt_path last is " + str(run / "checkpoints") in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_fit_ckpt_path_last_without_a_run_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no checkpoint in .*lightning_logs/version_\*/checkpoints/ - nothing to resume"):
+        _fit(tmp_path, "--ckpt_path", "last")
+    assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.ckpt"))

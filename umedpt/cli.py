@@ -29,6 +29,7 @@ from umedpt.device import default_precision  # noqa: E402
 from umedpt.module import MultiTaskModule  # noqa: E402
 from umedpt.predict import TaskPredictionWriter  # noqa: E402
 from umedpt.reporting import MetricsReport, StepProgressBar  # noqa: E402
+from umedpt.runs import last_checkpoint, run_of_checkpoint  # noqa: E402
 
 #: command name -> "module:function"; the function takes the remaining arguments, returns an exit code.
 COMMANDS: dict[str, str] = {
@@ -130,6 +131,25 @@ class _CommandsCLI(LightningCLI):
         trainer = config.get("trainer")
         if trainer is not None and trainer.get("precision") is None:
             trainer["precision"] = default_precision(trainer.get("accelerator"))
+        if config.get("ckpt_path") == "last" and trainer is not None:
+            # the newest checkpoint of the newest run (Lightning's own "last" looks only in the
+            # new run's folder, finds nothing and silently starts from scratch)
+            root = trainer.get("default_root_dir") or "."
+            config["ckpt_path"] = str(last_checkpoint(root))
+            print(f"umedpt: --ckpt_path last is {config['ckpt_path']}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # a run that starts from a checkpoint of a run folder writes into that folder
+        config = self.config_init.get(self.subcommand, {}) if self.subcommand else {}
+        ckpt = config.get("ckpt_path") if hasattr(config, "get") else None
+        run = run_of_checkpoint(ckpt) if ckpt else None
+        trainer = config.get("trainer") if hasattr(config, "get") else None
+        logger = trainer.get("logger") if trainer is not None else None
+        if run is not None and logger in (None, True) and "logger" not in kwargs:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            kwargs["logger"] = TensorBoardLogger(save_dir=str(run.save_dir), name=run.name, version=run.version)
+        return super().instantiate_trainer(**kwargs)
 
     def before_predict(self) -> None:
         config = self.config_init["predict"]
