@@ -130,10 +130,11 @@ def main() -> None:
 
     order, single = task_order(args)
     print(f"single-task peak MiB by kind: {single}; task order: {order}")
-    rows = []
+    rows, skipped = [], []
     for num_tasks in args.tasks:
         for mode in ("umedpt", "naive"):
             if mode == "naive" and args.max_naive_tasks is not None and num_tasks > args.max_naive_tasks:
+                skipped.append({"tasks": num_tasks, "mode": mode, "reason": "exceeds memory (--max-naive-tasks)"})
                 continue
             rows.append(run_point(args, order[:num_tasks], mode))
     first = {r["mode"]: r["peak_mb"] for r in rows if r["tasks"] == args.tasks[0]}
@@ -155,6 +156,7 @@ def main() -> None:
             "single_task_peak_mb": single,
             "task_order": order,
             "rows": rows,
+            "skipped": skipped,
         },
     )
 

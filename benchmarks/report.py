@@ -51,6 +51,17 @@ def plot_memory(results: list[dict[str, Any]]) -> None:
             points = sorted((r["tasks"], r["peak_mb"]) for r in res["rows"] if r["mode"] == mode)
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=f"{mode} loop")
+        # naive points that were not run (their activations exceed memory): marked, not dropped
+        measured = {r["tasks"] for r in res["rows"] if r["mode"] == "naive"}
+        skipped = sorted({r["tasks"] for r in res["rows"]} - measured)
+        if skipped and measured:
+            top = max(r["peak_mb"] for r in res["rows"])
+            ax.plot(skipped, [top * 1.08] * len(skipped), "x", color="C1", ms=9, mew=2,
+                    label="naive loop: not run (exceeds memory)")  # fmt: skip
+            for tasks in skipped:
+                ax.annotate("not run", (tasks, top * 1.08), textcoords="offset points", xytext=(0, 7),
+                            ha="center", fontsize=7, color="C1")  # fmt: skip
+            ax.set_ylim(top=top * 1.25)
         ax.set(xlabel="tasks trained per step", ylabel="peak memory (MiB)",
                title=f"{res['recipe']} recipe, {res['device'].split(',')[0]}")  # fmt: skip
         ax.set_ylim(bottom=0)
