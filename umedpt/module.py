@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
+from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
 
@@ -445,6 +446,13 @@ class MultiTaskModule(LightningModule):
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.encoder.config
+        # stochastic depth, dropout and host-side augmentation draw from these streams: a run
+        # resumed from this checkpoint continues them instead of restarting them
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY])
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder and not self._encoder_compiled:
