@@ -185,3 +185,36 @@ def test_fit_ckpt_path_last_without_a_run_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no checkpoint in .*lightning_logs/version_\*/checkpoints/ - nothing to resume"):
         _fit(tmp_path, "--ckpt_path", "last")
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_checkpoints_are_written_atomically_beside_their_target(tmp_path, monkeypatch):
+    from umedpt.runs import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, target)
+    good = target.read_bytes()
+
+    def killed_midway(obj, f, *args, **kwargs):
+        f.write(good[: len(good) // 3])  # part of the file, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, target)
+    assert target.read_bytes() == good  # the old checkpoint is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary left
+    assert int(io.load_checkpoint(target, weights_only=True)["step"]) == 1
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RuntimeError, match=rf"checkpoint {broken} cannot be read: .*truncated"):
+        io.load_checkpoint(broken, weights_only=True)  # the path Trainer.fit(ckpt_path=...) takes
+
+
+def test_a_truncated_checkpoint_is_named_in_the_error(tmp_path):
+    fitted = _fit(tmp_path)
+    assert type(fitted.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    ckpt = sorted(Path(fitted.trainer.log_dir).glob("checkpoints/*.ckpt"))[-1]
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    with pytest.raises(RuntimeError, match=rf"checkpoint {ckpt} cannot be read: .*truncated"):
+        _fit(tmp_path, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2")

@@ -20,6 +20,7 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
@@ -29,7 +30,13 @@ from umedpt.device import default_precision  # noqa: E402
 from umedpt.module import MultiTaskModule  # noqa: E402
 from umedpt.predict import TaskPredictionWriter  # noqa: E402
 from umedpt.reporting import MetricsReport, StepProgressBar  # noqa: E402
-from umedpt.runs import last_checkpoint, run_of_checkpoint  # noqa: E402
+from umedpt.runs import (  # noqa: E402
+    UNREADABLE,
+    AtomicCheckpointIO,
+    last_checkpoint,
+    run_of_checkpoint,
+    unreadable_checkpoint,
+)
 
 #: command name -> "module:function"; the function takes the remaining arguments, returns an exit code.
 COMMANDS: dict[str, str] = {
@@ -123,7 +130,19 @@ class _CommandsCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in configured
         ):
             callbacks = [*callbacks, StepProgressBar()]
+        # checkpoints written atomically beside their target, unless a checkpoint IO is configured
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters first: name the file if it cannot
+        try:
+            super()._parse_ckpt_path()
+        except UNREADABLE as err:
+            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
 
     def before_instantiate_classes(self) -> None:
         # the precision follows the device unless the configuration sets one

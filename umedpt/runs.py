@@ -7,11 +7,17 @@ means the newest checkpoint of the newest run under ``default_root_dir``.
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-__all__ = ["RunDir", "last_checkpoint", "run_of_checkpoint"]
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "RunDir", "last_checkpoint", "run_of_checkpoint", "unreadable_checkpoint"]
 
 _VERSION = re.compile(r"version_(\d+)$")
 
@@ -59,3 +65,52 @@ def last_checkpoint(root: str | Path, name: str = "lightning_logs") -> Path:
     _, ckpts = max(runs, key=lambda run: run[0])
     named_last = [p for p in ckpts if p.name == "last.ckpt"]
     return named_last[0] if named_last else max(ckpts, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with local checkpoints written atomically in their own folder.
+
+    Lightning writes through a temporary file that may live on another filesystem (TMPDIR), so a
+    kill during the final copy can leave a truncated newest checkpoint. Here the bytes go to a
+    hidden temporary file beside the target, are flushed to disk, and replace the target in one
+    ``os.replace``: a reader sees the old checkpoint or the new one, never a part. Remote paths
+    (``s3://`` ...) keep Lightning's behaviour. A checkpoint that cannot be read raises an error
+    that names the file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        kwargs = {"weights_only": weights_only} if map_location is None else {
+            "map_location": map_location, "weights_only": weights_only}  # fmt: skip
+        try:
+            return super().load_checkpoint(path, **kwargs)
+        except FileNotFoundError:
+            raise
+        except UNREADABLE as err:
+            raise unreadable_checkpoint(path, err) from err
+
+
+#: what ``torch.load`` raises on a truncated or foreign file
+UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def unreadable_checkpoint(path: Any, err: BaseException) -> RuntimeError:
+    """The error for a checkpoint that cannot be read, naming the file (raise it ``from err``)."""
+    return RuntimeError(
+        f"checkpoint {path} cannot be read: {err}. It may be truncated (a run killed while "
+        "writing it) or not a torch checkpoint; resume from an earlier one."
+    )
