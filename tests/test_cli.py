@@ -218,3 +218,21 @@ def test_a_truncated_checkpoint_is_named_in_the_error(tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:2000])
     with pytest.raises(RuntimeError, match=rf"checkpoint {ckpt} cannot be read: .*truncated"):
         _fit(tmp_path, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2")
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(tmp_path):
+    fitted = _fit(tmp_path)
+    ckpt = sorted(Path(fitted.trainer.log_dir).glob("checkpoints/*.ckpt"))[-1]
+    wider = ["--model.encoder.init_args.model_kwargs", "{embed_dim: 32, depths: [1, 1, 1, 1], num_heads: [1, 2, 4, 8], window_size: 4, drop_path_rate: 0.0}"]
+    for ckpt_arg in (str(ckpt), "last"):
+        with pytest.raises(ValueError, match=r"holds another model than the config: model.encoder model_kwargs.embed_dim: config 32, checkpoint 16"):
+            _fit(tmp_path, *wider, "--ckpt_path", ckpt_arg, "--trainer.max_epochs", "2")
+    other = tmp_path / "other.yaml"
+    other.write_text(CONF.read_text().replace("num_classes: 3", "num_classes: 4", 1).replace("name: fl_objects", "name: fl_spots"))
+    with pytest.raises(ValueError, match=r"model.tasks 'xr_grade' num_classes: config 4, checkpoint 3") as info:
+        main(["test", "-c", str(other), "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path)])
+    assert "'fl_spots' is in the config, not in the checkpoint" in str(info.value)
+    assert "'fl_objects' is in the checkpoint, not in the config" in str(info.value)
+    # asked for: the checkpoint's model configuration is used
+    resumed = _fit(tmp_path, *wider, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2", "--use_checkpoint_model", "true")
+    assert resumed.model.encoder.config["model_kwargs"]["embed_dim"] == 16 and resumed.trainer.global_step == 4

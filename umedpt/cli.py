@@ -20,6 +20,7 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import torch  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
@@ -33,6 +34,7 @@ from umedpt.reporting import MetricsReport, StepProgressBar  # noqa: E402
 from umedpt.runs import (  # noqa: E402
     UNREADABLE,
     AtomicCheckpointIO,
+    architecture_differences,
     last_checkpoint,
     run_of_checkpoint,
     unreadable_checkpoint,
@@ -114,6 +116,13 @@ class _CommandsCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand in ("validate", "test"):
             parser.set_defaults(verbose=False)
+        parser.add_argument(
+            "--use_checkpoint_model",
+            type=bool,
+            default=False,
+            help="with --ckpt_path: take the model configuration (encoder, tasks) from the checkpoint "
+            "even where it differs from the given config (otherwise refused)",
+        )
         if subcommand == "predict":
             parser.add_argument(
                 "--untrained",
@@ -138,11 +147,35 @@ class _CommandsCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters first: name the file if it cannot
+        # LightningCLI replaces the configured model by the checkpoint's hyperparameters: refuse
+        # when they describe another encoder or other tasks, unless asked for
+        sub = self.config.get("subcommand")
+        config = self.config.get(sub) if sub else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._check_checkpoint_model(config, ckpt_path)
         try:
             super()._parse_ckpt_path()
         except UNREADABLE as err:
-            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+            raise unreadable_checkpoint(ckpt_path, err) from err
+
+    @staticmethod
+    def _check_checkpoint_model(config: Any, ckpt_path: str) -> None:
+        """Refuse a checkpoint whose encoder or tasks differ from the config (unless asked for)."""
+        if config.get("use_checkpoint_model", False):
+            return
+        try:
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        except UNREADABLE as err:
+            raise unreadable_checkpoint(ckpt_path, err) from err
+        differences = architecture_differences(hparams, config.get("model"))
+        if differences:
+            raise ValueError(
+                f"checkpoint {ckpt_path} holds another model than the config: "
+                + "; ".join(differences)
+                + ". Pass the config the checkpoint was trained with, or --use_checkpoint_model true "
+                "to take the checkpoint's model configuration"
+            )
 
     def before_instantiate_classes(self) -> None:
         # the precision follows the device unless the configuration sets one
@@ -156,6 +189,7 @@ class _CommandsCLI(LightningCLI):
             root = trainer.get("default_root_dir") or "."
             config["ckpt_path"] = str(last_checkpoint(root))
             print(f"umedpt: --ckpt_path last is {config['ckpt_path']}")
+            self._check_checkpoint_model(config, config["ckpt_path"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # a run that starts from a checkpoint of a run folder writes into that folder

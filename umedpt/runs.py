@@ -17,7 +17,14 @@ from typing import Any, NamedTuple
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "RunDir", "last_checkpoint", "run_of_checkpoint", "unreadable_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "RunDir",
+    "architecture_differences",
+    "last_checkpoint",
+    "run_of_checkpoint",
+    "unreadable_checkpoint",
+]
 
 _VERSION = re.compile(r"version_(\d+)$")
 
@@ -114,3 +121,55 @@ def unreadable_checkpoint(path: Any, err: BaseException) -> RuntimeError:
         f"checkpoint {path} cannot be read: {err}. It may be truncated (a run killed while "
         "writing it) or not a torch checkpoint; resume from an earlier one."
     )
+
+
+def architecture_differences(checkpoint_hparams: dict[str, Any], model_config: Any) -> list[str]:
+    """How a checkpoint's encoder and tasks differ from a configured ``MultiTaskModule``.
+
+    ``checkpoint_hparams`` is the checkpoint's ``hyper_parameters`` (``encoder``: the encoder's
+    ``config``, ``tasks``: task dicts); ``model_config`` the parsed ``model`` section. Returns one
+    line per differing field (empty when they agree or when there is nothing to compare).
+    """
+    lines: list[str] = []
+    saved_encoder = checkpoint_hparams.get("encoder")
+    encoder = _get(model_config, "encoder")
+    init_args = _get(encoder, "init_args") if _get(encoder, "class_path") else encoder
+    if isinstance(saved_encoder, dict) and init_args is not None:
+        for key in ("name", "in_chans", "img_size"):
+            given = _get(init_args, key)
+            if given is not None and key in saved_encoder and given != saved_encoder[key]:
+                lines.append(f"model.encoder {key}: config {given!r}, checkpoint {saved_encoder[key]!r}")
+        given_kwargs = dict(_get(init_args, "model_kwargs") or {})
+        saved_kwargs = dict(saved_encoder.get("model_kwargs") or {})
+        for key in sorted(set(given_kwargs) | set(saved_kwargs)):
+            if given_kwargs.get(key) != saved_kwargs.get(key):
+                lines.append(
+                    f"model.encoder model_kwargs.{key}: config {given_kwargs.get(key)!r}, "
+                    f"checkpoint {saved_kwargs.get(key)!r}"
+                )
+    saved_tasks = checkpoint_hparams.get("tasks")
+    tasks = _get(model_config, "tasks")
+    if isinstance(saved_tasks, list) and tasks is not None:
+        given = {_get(t, "name"): t for t in tasks}
+        saved = {t.get("name"): t for t in saved_tasks if isinstance(t, dict)}
+        for name in sorted(set(given) - set(saved)):
+            lines.append(f"model.tasks: {name!r} is in the config, not in the checkpoint")
+        for name in sorted(set(saved) - set(given)):
+            lines.append(f"model.tasks: {name!r} is in the checkpoint, not in the config")
+        for name in sorted(set(given) & set(saved)):
+            for key in ("kind", "num_classes"):
+                if _get(given[name], key) != saved[name].get(key):
+                    lines.append(
+                        f"model.tasks {name!r} {key}: config {_get(given[name], key)!r}, "
+                        f"checkpoint {saved[name].get(key)!r}"
+                    )
+    return lines
+
+
+def _get(node: Any, key: str) -> Any:
+    """``node[key]`` for dicts and jsonargparse namespaces, ``None`` when absent."""
+    if node is None:
+        return None
+    if isinstance(node, dict):
+        return node.get(key)
+    return getattr(node, key, None) if not hasattr(node, "get") else node.get(key)
