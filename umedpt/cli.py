@@ -165,7 +165,9 @@ class _CommandsCLI(LightningCLI):
         if config.get("use_checkpoint_model", False):
             return
         try:
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            # memory-mapped: only the hyperparameters are read, not every tensor of the file
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            hparams = checkpoint.get("hyper_parameters", {})
         except UNREADABLE as err:
             raise unreadable_checkpoint(ckpt_path, err) from err
         differences = architecture_differences(hparams, config.get("model"))
@@ -193,11 +195,10 @@ class _CommandsCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # a run that starts from a checkpoint of a run folder writes into that folder
-        config = self.config_init.get(self.subcommand, {}) if self.subcommand else {}
-        ckpt = config.get("ckpt_path") if hasattr(config, "get") else None
+        config = self.config_init.get(self.subcommand) or {} if self.subcommand else {}
+        ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if ckpt else None
-        trainer = config.get("trainer") if hasattr(config, "get") else None
-        logger = trainer.get("logger") if trainer is not None else None
+        logger = (config.get("trainer") or {}).get("logger")
         if run is not None and logger in (None, True) and "logger" not in kwargs:
             from lightning.pytorch.loggers import TensorBoardLogger
 

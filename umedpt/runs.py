@@ -168,8 +168,4 @@ def architecture_differences(checkpoint_hparams: dict[str, Any], model_config: A
 
 def _get(node: Any, key: str) -> Any:
     """``node[key]`` for dicts and jsonargparse namespaces, ``None`` when absent."""
-    if node is None:
-        return None
-    if isinstance(node, dict):
-        return node.get(key)
-    return getattr(node, key, None) if not hasattr(node, "get") else node.get(key)
+    return node.get(key) if hasattr(node, "get") else None

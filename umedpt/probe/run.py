@@ -265,15 +265,20 @@ class _TaskProbe:
         total = len(self.datasets["train"])
         from tqdm.auto import tqdm
 
-        jobs = [(f, seed, name) for f in self.s.fractions for seed in self.s.seeds for name in self.encoders]
+        jobs = len(self.s.fractions) * len(self.s.seeds) * len(self.encoders)
         # linear probes have no bar of their own; trained heads show one per run
-        bar = tqdm(jobs, desc=f"linear probes {self.task.name}", unit="fit", disable=not (self.s.progress and self.linear))
-        for fraction, seed, name in bar:
-            indices = stratified_subset(self.labels, fraction, seed, total=total)
-            sizes[repr(fraction)] = len(indices)
-            runs[name].append(self._one(name, indices, fraction, seed))
+        bar = tqdm(total=jobs, desc=f"linear probes {self.task.name}", unit="fit",
+                   disable=not (self.s.progress and self.linear))  # fmt: skip
+        for fraction in self.s.fractions:
+            for seed in self.s.seeds:
+                indices = stratified_subset(self.labels, fraction, seed, total=total)
+                sizes[repr(fraction)] = len(indices)
+                for name in self.encoders:
+                    runs[name].append(self._one(name, indices, fraction, seed))
+                    bar.update()
+        bar.close()
         self.timing["probes_s"] += time.perf_counter() - start
-        self.say(f"task {self.task.name}: {len(jobs)} probes in {self.timing['probes_s']:.1f} s")
+        self.say(f"task {self.task.name}: {jobs} probes in {self.timing['probes_s']:.1f} s")
         metric = PRIMARY_METRIC[self.task.kind]
         method, detail = _method(self.task, self.s)
         return {
