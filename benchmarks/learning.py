@@ -114,11 +114,11 @@ def synthetic_task(name: str, recipe_names: list[str]) -> Any:
     )
 
 
-def datamodule(cfg: dict[str, Any], tasks: list[Any], seed: int) -> Any:
+def datamodule(cfg: dict[str, Any], tasks: list[Any], seed: int, tasks_per_step: int | None = None) -> Any:
     from umedpt.data import MultiTaskDataModule
 
     data = {k: v for k, v in cfg.get("data", {}).items() if k != "tasks"}
-    data.update(num_workers=0, pin_memory=False, seed=seed)
+    data.update(num_workers=0, pin_memory=False, seed=seed, tasks_per_step=tasks_per_step)
     return MultiTaskDataModule(tasks=tasks, **data)
 
 
@@ -285,7 +285,7 @@ def train_umedpt(
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("tasks", "encoder")}
     model_cfg.update(export_encoder=False, tasks_per_step=tasks_per_step, seed=seed)
     model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**encoder_args(cfg)), **model_cfg)
-    dm = datamodule(cfg, tasks, seed)
+    dm = datamodule(cfg, tasks, seed, tasks_per_step)
     curves = _Curves()
     trainer = Trainer(
         accelerator="cpu",

@@ -28,7 +28,10 @@ def build(num_samples: int, batch_size: int, init_seed: int = 0, drop_path_rate:
     encoder = {**TINY_ENCODER, "model_kwargs": {**TINY_ENCODER["model_kwargs"], "drop_path_rate": drop_path_rate}}
     model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**encoder), export_encoder=False, **model_kw)
     data = MultiTaskDataModule(
-        tasks=tasks, num_workers=0, dataset_defaults={"image_size": 64, "num_samples": num_samples}
+        tasks=tasks,
+        num_workers=0,
+        dataset_defaults={"image_size": 64, "num_samples": num_samples},
+        tasks_per_step=model_kw.get("tasks_per_step"),
     )
     return model, data
 
@@ -86,16 +89,18 @@ class StopAndSave(Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, drop_path_rate):
+@pytest.mark.parametrize(("drop_path_rate", "tasks_per_step"), [(0.0, None), (0.2, None), (0.2, 2)])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, drop_path_rate, tasks_per_step):
     """Resumed at an epoch boundary, the run is bitwise the uninterrupted one, also with stochastic
-    depth (its random draws come from the global RNG streams that the checkpoint carries)."""
+    depth (its random draws come from the global RNG streams that the checkpoint carries) and with
+    a random subset of the tasks per step (drawn by the data module from seed, epoch and step)."""
     # 16 samples / batch 8 = 2 steps per epoch; 4 epochs = 8 steps, interrupted after 2 epochs
-    full_model, data = build(num_samples=16, batch_size=8, drop_path_rate=drop_path_rate)
+    kw = {"drop_path_rate": drop_path_rate, "tasks_per_step": tasks_per_step}
+    full_model, data = build(num_samples=16, batch_size=8, **kw)
     trainer(tmp_path / "full", max_epochs=4).fit(full_model, data)
 
     ckpt = tmp_path / "half.ckpt"
-    first, data = build(num_samples=16, batch_size=8, drop_path_rate=drop_path_rate)
+    first, data = build(num_samples=16, batch_size=8, **kw)
     trainer(tmp_path / "first", max_epochs=4, callbacks=[StopAndSave(2, ckpt)]).fit(first, data)
     assert first.global_step == 4
     from umedpt.randomness import RNG_KEY
@@ -103,7 +108,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, drop_path_rat
     assert RNG_KEY in torch.load(ckpt, weights_only=True)  # safe to load: tensors and plain values
 
     torch.manual_seed(999)  # the resuming process's own random state must not matter
-    resumed, data = build(num_samples=16, batch_size=8, init_seed=123, drop_path_rate=drop_path_rate)
+    resumed, data = build(num_samples=16, batch_size=8, init_seed=123, **kw)
     trainer(tmp_path / "resumed", max_epochs=4).fit(resumed, data, ckpt_path=ckpt)
     assert resumed.global_step == full_model.global_step == 8
     full_state, resumed_state = full_model.state_dict(), resumed.state_dict()
@@ -245,6 +250,53 @@ def test_loaders_use_task_batch_size_and_workers():
     assert [len(dl.dataset) for dl in data.val_dataloader()] == [8, 8, 8, 8]
 
 
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts the samples read from a dataset."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset, self.reads = dataset, 0
+        self.num_classes, self.kind = dataset.num_classes, dataset.kind
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        self.reads += 1
+        return self.dataset[i]
+
+
+def test_tasks_per_step_loads_and_trains_only_the_drawn_tasks(tmp_path):
+    """With tasks_per_step, the data module draws each step's tasks: only their samples are read,
+    each step trains exactly those tasks, and every task is drawn about equally often."""
+    from umedpt.data.loading import TaskSubsetLoader, task_subset
+
+    model, data = build(num_samples=16, batch_size=4, tasks_per_step=1, lr=1e-3)
+    data.setup("fit")
+    counted = {name: CountingDataset(ds) for name, ds in data.datasets["train"].items()}
+    data.datasets["train"] = counted
+    loader = data.train_dataloader()
+    assert isinstance(loader, TaskSubsetLoader)
+    record = RecordLosses()
+    steps = 40  # 10 epochs of 4 steps
+    trainer(tmp_path, max_steps=steps, callbacks=[record]).fit(model, data)
+    names = model.task_names
+    expected = [[names[i] for i in task_subset(4, 1, 0, step // 4, step % 4)] for step in range(steps)]
+    assert [sorted(losses) for losses in record.losses] == expected
+    drawn = {name: sum(name in step for step in expected) for name in names}
+    assert min(drawn.values()) >= 3, drawn  # binomial(40, 1/4): every task is drawn
+    # the loader that Lightning iterated read exactly the drawn batches (4 samples each)
+    assert {name: ds.reads for name, ds in counted.items()} == {n: 4 * drawn[n] for n in names}
+
+
+def test_task_subset_loader_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="tasks_per_step must be in 1..2"):
+        from umedpt.data.loading import TaskSubsetLoader
+
+        TaskSubsetLoader({"a": [1], "b": [2]}, tasks_per_step=3)
+    with pytest.raises(ValueError, match="tasks_per_step must be >= 1"):
+        MultiTaskDataModule(tasks=mixed_tasks(), tasks_per_step=0)
+
+
 def test_recipe_config_builds_17_tasks_of_all_kinds():
     root = Path(__file__).parents[1] / "configs"
     cli = main(["-c", str(root / "umedpt.yaml")], run=False)
@@ -261,6 +313,8 @@ def test_recipe_config_builds_17_tasks_of_all_kinds():
     quick = main(["-c", str(root / "umedpt.yaml"), "-c", str(root / "quick.yaml")], run=False)
     assert quick.model.task_names == cli.model.task_names
     assert quick.datamodule.dataset_defaults["image_size"] == 64
+    # the data module draws each step's task, so that only its batch is loaded
+    assert quick.model.hparams.tasks_per_step == quick.datamodule.tasks_per_step == 1
 
 
 def test_same_seed_exports_bitwise_identical_encoder(tmp_path):

@@ -217,10 +217,12 @@ class _CommandsCLI(LightningCLI):
 
 
 class UMedPTCLI(_CommandsCLI):
-    """LightningCLI whose datamodule receives the model's task list."""
+    """LightningCLI whose datamodule receives the model's task list and tasks per step."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.tasks", "data.tasks", apply_on="parse")
+        # the data module draws each step's tasks, so that only their batches are loaded
+        parser.link_arguments("model.tasks_per_step", "data.tasks_per_step", apply_on="parse")
 
 
 def _config_paths(args: Sequence[str]) -> list[Path]:

@@ -9,7 +9,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from umedpt.data.loading import EpochShuffleSampler, collate_cases
+from umedpt.data.loading import EpochShuffleSampler, TaskSubsetLoader, collate_cases
 from umedpt.tasks import Task, as_task, check_unique, import_class
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -27,7 +27,9 @@ class MultiTaskDataModule(LightningDataModule):
 
     Training batches are ``{task_name: task_batch}`` dicts drawn with Lightning's
     ``CombinedLoader(mode="max_size_cycle")``: an epoch lasts as long as the longest task,
-    shorter tasks cycle. Validation, test and predict use one DataLoader per task, in task order.
+    shorter tasks cycle. With ``tasks_per_step`` each batch holds that many tasks drawn at random
+    and only their loaders advance (:class:`~umedpt.data.loading.TaskSubsetLoader`). Validation,
+    test and predict use one DataLoader per task, in task order.
 
     Args:
         tasks: the task list; the CLI links it from ``model.tasks``.
@@ -38,7 +40,10 @@ class MultiTaskDataModule(LightningDataModule):
         eval_batch_size: batch size of validation/test/predict loaders; ``None`` uses each
             task's training batch size.
         pin_memory: pin host memory (useful on GPU).
-        seed: seed of the training shuffles (each task gets its own stream).
+        seed: seed of the training shuffles (each task gets its own stream) and of the task subsets.
+        tasks_per_step: serve the batches of this many tasks, drawn at random, per training
+            step (``None``: every task's batch in every step). The CLI sets it from
+            ``model.tasks_per_step``, so that a step loads only the batches it trains.
         check: data check when a split is built, for datasets that support it (the file readers
             of :mod:`umedpt.data.readers`): ``quick`` checks the declarations (files exist, labels
             in range, boxes valid), ``full`` also decodes every sample, ``off`` skips it. A split
@@ -54,11 +59,15 @@ class MultiTaskDataModule(LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         check: Literal["quick", "full", "off"] = "quick",
+        tasks_per_step: int | None = None,
     ) -> None:
         super().__init__()
         self.tasks = [as_task(t) for t in tasks or []]
         if num_workers < 0:
             raise ValueError(f"MultiTaskDataModule: num_workers must be >= 0, got {num_workers}")
+        if tasks_per_step is not None and tasks_per_step < 1:
+            raise ValueError(f"MultiTaskDataModule: tasks_per_step must be >= 1 or None, got {tasks_per_step}")
+        self.tasks_per_step = tasks_per_step
         self.num_workers = num_workers
         self.dataset_defaults = dict(dataset_defaults or {})
         self.eval_batch_size = eval_batch_size
@@ -148,7 +157,10 @@ class MultiTaskDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {t.name: self._loader(t, "train", i) for i, t in enumerate(self.tasks)}
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        k = self.tasks_per_step
+        if k is None or k >= len(loaders):
+            return CombinedLoader(loaders, mode="max_size_cycle")
+        return TaskSubsetLoader(loaders, tasks_per_step=k, seed=self.seed)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [self._loader(t, split, i) for i, t in enumerate(self.tasks)]

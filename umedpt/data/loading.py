@@ -1,4 +1,5 @@
-"""Batching helpers shared by all task datasets: collation and a resumable shuffling sampler."""
+"""Batching helpers shared by all task datasets: collation, a resumable shuffling sampler and
+the training loader that serves a random subset of the tasks per step."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities._pytree import tree_unflatten
 from torch.utils.data import Sampler, default_collate
 
 #: keys whose per-sample values have different lengths and are kept as lists
@@ -58,3 +61,100 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def task_subset(num_tasks: int, k: int, seed: int, epoch: int, index: int) -> list[int]:
+    """Indices (ascending) of the ``k`` of ``num_tasks`` tasks trained by batch ``index`` of ``epoch``.
+
+    Depends only on its arguments, so a run resumed at an epoch boundary draws the same subsets.
+    """
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(state))
+    return sorted(torch.randperm(num_tasks, generator=generator)[:k].tolist())
+
+
+class TaskSubsetLoader(CombinedLoader):
+    """Training batches of ``k`` tasks drawn at random per step, ``{task: batch}``, from one loader per task.
+
+    Only the drawn tasks' loaders advance, so a step loads the batches it trains and no others
+    (with every task's batch loaded, one task per step of 17 spent most of its data time on
+    batches it threw away). Like ``CombinedLoader(mode="max_size_cycle")`` otherwise: Lightning
+    prepares every task's DataLoader (distributed samplers, epochs), an epoch lasts as many
+    steps as the longest task has batches, a task whose loader runs out starts it again. Every
+    process draws the same subsets (they depend on ``seed``, the epoch and the step within it),
+    as distributed training needs: each rank then runs the same tasks' backward passes.
+
+    Args:
+        loaders: one training DataLoader per task, in task order.
+        tasks_per_step: how many tasks each batch holds (1 .. number of tasks).
+        seed: seed of the subset draws.
+    """
+
+    def __init__(self, loaders: dict[str, Any], tasks_per_step: int, seed: int = 0) -> None:
+        if not 1 <= tasks_per_step <= len(loaders):
+            raise ValueError(
+                f"TaskSubsetLoader: tasks_per_step must be in 1..{len(loaders)} (the number of tasks), "
+                f"got {tasks_per_step}"
+            )
+        super().__init__(loaders, mode="max_size_cycle")
+        self.tasks_per_step = tasks_per_step
+        self.seed = seed
+
+    def __iter__(self) -> TaskSubsetLoader:
+        iterator = _SubsetCycle(self.flattened, self._limits, self.tasks_per_step, self.seed)
+        iter(iterator)
+        self._iterator = iterator
+        return self
+
+    def __next__(self) -> tuple[dict[str, Any], int, int]:
+        assert self._iterator is not None, "call iter() first"
+        out, index, loader_index = next(self._iterator)
+        batch = tree_unflatten(out, self._spec)
+        return {name: value for name, value in batch.items() if value is not None}, index, loader_index
+
+
+class _SubsetCycle:
+    """Iterator of :class:`TaskSubsetLoader`: ``([batch or None per loader], index, 0)``."""
+
+    def __init__(self, iterables: list[Any], limits: list[int | float] | None, k: int, seed: int) -> None:
+        self.iterables = iterables
+        self.limits = limits
+        self.k = k
+        self.seed = seed
+        self.iterators: list[Iterator[Any]] = []
+        self.epoch: int | None = None
+        self._idx = 0
+
+    def __iter__(self) -> _SubsetCycle:
+        self.iterators = [iter(iterable) for iterable in self.iterables]
+        self.epoch = None
+        self._idx = 0
+        return self
+
+    def __next__(self) -> tuple[list[Any], int, int]:
+        if self._idx >= len(self):
+            raise StopIteration
+        if self.epoch is None:
+            # Lightning sets the samplers' epoch before the epoch's first batch (after iter())
+            sampler = getattr(self.iterables[0], "sampler", None)
+            self.epoch = int(getattr(sampler, "epoch", 0))
+        out: list[Any] = [None] * len(self.iterables)
+        for i in task_subset(len(self.iterables), self.k, self.seed, self.epoch, self._idx):
+            try:
+                out[i] = next(self.iterators[i])
+            except StopIteration:
+                self.iterators[i] = iter(self.iterables[i])
+                out[i] = next(self.iterators[i])
+        index = self._idx
+        self._idx += 1
+        return out, index, 0
+
+    def __len__(self) -> int:
+        lengths = [len(iterable) for iterable in self.iterables]
+        if self.limits is not None:
+            lengths = [min(length, limit) for length, limit in zip(lengths, self.limits, strict=True)]
+        return int(max(lengths))
+
+    def reset(self) -> None:
+        self.iterators = []
+        self._idx = 0
