@@ -183,7 +183,12 @@ def table(result: dict[str, Any]) -> str:
         f"Mean ± sd over {len(seeds)} pretraining seeds x {len(result['probe_seeds'])} probe seeds "
         f"(random: probe seeds; scratch: {result['scratch_runs']} runs); mean gap at "
         f"{float(first):.0%}: **{statistics.fmean(gaps):+.3f}**. "
-        + (f"Pretraining took {stats(fit)['mean']:.0f} ± {stats(fit)['sd']:.0f} s per seed. " if fit else "")
+        + (
+            f"Pretraining took {stats(fit)['mean']:.0f} ± {stats(fit)['sd']:.0f} s per seed "
+            f"(OMP_NUM_THREADS={result.get('omp_threads') or 'unset'}). "
+            if fit
+            else ""
+        )
         + "Regenerate with `python benchmarks/transfer.py`.",
     ]
     return "\n".join(lines)
@@ -284,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "probe_seeds": settings["seeds"],
         "scratch_runs": settings["scratch_runs"],
         "fit_seconds": fit_seconds,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
         "tasks": pooled(reports),
         "validation": validation(args.pretrain_seeds),
     }

@@ -368,7 +368,7 @@ def _bg_radiograph(rng: np.random.Generator, size: int, grade: int) -> tuple[lis
     c *= 1.0 - 0.68 * lungs
     c += _ribs(c.shape[0]) * (0.05 + 0.07 * lungs)
     plane = _resize(_blur(c, 0.01), size)
-    reticular = (0.0, 0.14, 0.26)[grade] * _u(rng, 0.85, 1.15)
+    reticular = (0.0, 0.16, 0.34)[grade] * _u(rng, 0.85, 1.15)
     haze = (0.0, 0.06, 0.15)[grade] * _u(rng, 0.85, 1.15)
     pattern = _ridges(_noise(rng, 22, size), 3.0)
     pattern *= reticular
@@ -460,7 +460,7 @@ def _bg_dermoscopy(rng: np.random.Generator, size: int, grade: int) -> tuple[lis
     shade = _noise(rng, 3, low)
     shade *= 0.03
     shade -= 0.1 * m * m  # darker centre
-    network = (0.02, 0.18, 0.34)[grade] * _u(rng, 0.85, 1.15)
+    network = (0.02, 0.26, 0.5)[grade] * _u(rng, 0.85, 1.15)
     net = _ridges(_noise(rng, 30, size), 4.0)
     net *= _resize(m, size)
     angle = 2 * math.pi * rng.random()
@@ -468,7 +468,7 @@ def _bg_dermoscopy(rng: np.random.Generator, size: int, grade: int) -> tuple[lis
     if grade:
         ramp = _ramp(low)
         side = np.clip(math.cos(angle) * ramp + math.sin(angle) * ramp.T, 0.0, 1.0)
-        side *= m * (0.0, 0.18, 0.36)[grade]
+        side *= m * (0.0, 0.26, 0.52)[grade]
     planes = []
     for c, (tint, weight) in enumerate(((-0.9, 0.8), (-0.2, 0.9), (0.5, 1.0))):
         smooth = m * (brown[c] - skin[c]) + skin[c]
