@@ -121,6 +121,114 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, drop_path_rat
     )
 
 
+class StopAfterStep(Callback):
+    """Save a checkpoint after optimizer step ``step`` (mid-epoch) and stop."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("tasks_per_step", [None, 2])
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, tasks_per_step):
+    """Resumed from a checkpoint written mid-epoch, the run is bitwise the uninterrupted one: the
+    training loaders continue their passes (a short task has cycled by then) and the task subsets
+    continue from the step within the epoch."""
+
+    def build_uneven(init_seed: int = 0) -> tuple[MultiTaskModule, MultiTaskDataModule]:
+        torch.manual_seed(init_seed)
+        tasks = mixed_tasks(batch_size=4)
+        tasks[1].data["init_args"]["num_samples"] = 8  # 2 batches: cycles within each 5-step epoch
+        encoder = {**TINY_ENCODER, "model_kwargs": {**TINY_ENCODER["model_kwargs"], "drop_path_rate": 0.2}}
+        model = MultiTaskModule(
+            tasks=tasks, encoder=SwinEncoder(**encoder), export_encoder=False, tasks_per_step=tasks_per_step
+        )
+        data = MultiTaskDataModule(
+            tasks=tasks,
+            num_workers=0,
+            dataset_defaults={"image_size": 64, "num_samples": 20},
+            tasks_per_step=tasks_per_step,
+        )
+        return model, data
+
+    full, data = build_uneven()
+    trainer(tmp_path / "full", max_steps=13).fit(full, data)  # epochs of 5 steps
+    ckpt = tmp_path / "mid.ckpt"
+    first, data = build_uneven()
+    trainer(tmp_path / "first", max_steps=13, callbacks=[StopAfterStep(7, ckpt)]).fit(first, data)
+    assert first.global_step == 7 and 7 % 5 != 0  # stopped in the middle of the second epoch
+
+    torch.manual_seed(999)
+    resumed, data = build_uneven(init_seed=123)
+    trainer(tmp_path / "resumed", max_steps=13).fit(resumed, data, ckpt_path=ckpt)
+    assert resumed.global_step == full.global_step == 13
+    full_state, resumed_state = full.state_dict(), resumed.state_dict()
+    for key, value in full_state.items():
+        assert torch.equal(resumed_state[key], value), f"{key}: max |diff| {(resumed_state[key] - value).abs().max()}"
+    assert not torch.equal(first.state_dict()["encoder.model.patch_embed.proj.weight"], full_state["encoder.model.patch_embed.proj.weight"])
+
+
+KILL_CONFIG = """
+trainer: {max_steps: 18, max_epochs: -1, enable_progress_bar: false, log_every_n_steps: 3}
+model:
+  tasks_per_step: 2
+  encoder:
+    class_path: umedpt.SwinEncoder
+    init_args:
+      img_size: 64
+      model_kwargs: {embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 2, 4, 8], window_size: 4, drop_path_rate: 0.2}
+data:
+  dataset_defaults: {image_size: 64, num_samples: {train: 40, val: 4, test: 4}}
+"""
+
+
+def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL a real ``lightning fit`` process right after its first periodic checkpoint
+    (mid-epoch), resume it with ``--ckpt_path last``: the final weights equal, bit for bit, those
+    of a run that was never interrupted (stochastic depth and a random task subset per step)."""
+    import signal
+    import time
+
+    override = tmp_path / "kill.yaml"
+    override.write_text(KILL_CONFIG)
+
+    def command(root: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "umedpt", "fit", "-c", str(CONF), "-c", str(override),
+                "--checkpoint_every", "3", "--trainer.default_root_dir", str(root), *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+
+    run = tmp_path / "killed" / "lightning_logs" / "version_0" / "checkpoints"
+    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "last.ckpt").exists():
+        assert proc.poll() is None, "the run ended before its first periodic checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    step = torch.load(run / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
+    assert step < 18 and step % 10 != 0, step  # killed mid-epoch (40 samples / batch 4 = 10 steps)
+
+    done = subprocess.run(command(tmp_path / "killed", "--ckpt_path", "last"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"--ckpt_path last is {run / 'last.ckpt'}" in done.stdout
+    whole = torch.load(tmp_path / "whole" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(run / "last.ckpt", weights_only=True)
+    assert whole["global_step"] == resumed["global_step"] == 18
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    exported = [root / "lightning_logs" / "version_0" / "encoder" / "model.safetensors" for root in
+                (tmp_path / "whole", tmp_path / "killed")]
+    assert exported[0].read_bytes() == exported[1].read_bytes()
+
+
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_cli_fit_exports_encoder_that_loads_and_embeds(tmp_path):
     cli = main(["fit", "-c", str(CONF), "--trainer.default_root_dir", str(tmp_path)])

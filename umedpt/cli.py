@@ -22,7 +22,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from umedpt.curves import LearningCurves  # noqa: E402
@@ -34,6 +34,7 @@ from umedpt.reporting import MetricsReport, StepProgressBar  # noqa: E402
 from umedpt.runs import (  # noqa: E402
     UNREADABLE,
     AtomicCheckpointIO,
+    PeriodicCheckpoint,
     architecture_differences,
     last_checkpoint,
     run_of_checkpoint,
@@ -103,6 +104,10 @@ class _Parser(LightningArgumentParser):
         sys.exit(2)
 
 
+#: optimizer steps between two periodic checkpoints of a fit (``--checkpoint_every``)
+DEFAULT_CHECKPOINT_EVERY = 500
+
+
 class _CommandsCLI(LightningCLI):
     """LightningCLI with umedpt's command behaviour (both the pretraining and the class-path form).
 
@@ -123,6 +128,15 @@ class _CommandsCLI(LightningCLI):
             help="with --ckpt_path: take the model configuration (encoder, tasks) from the checkpoint "
             "even where it differs from the given config (otherwise refused)",
         )
+        if subcommand == "fit":
+            parser.add_argument(
+                "--checkpoint_every",
+                type=int,
+                default=DEFAULT_CHECKPOINT_EVERY,
+                help="write checkpoints/last.ckpt every this many optimizer steps (0: only at the "
+                "end of each validation / epoch), so that a killed run loses at most that many steps; "
+                "ignored when the trainer's callbacks include a ModelCheckpoint",
+            )
         if subcommand == "predict":
             parser.add_argument(
                 "--untrained",
@@ -139,6 +153,16 @@ class _CommandsCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in configured
         ):
             callbacks = [*callbacks, StepProgressBar()]
+        # a checkpoint at each validation / epoch end (Lightning's default) and every N steps
+        # (validate / test / predict add the same callbacks, so that a fit's checkpoint matches them)
+        fit = (self.config.get(self.subcommand) or {}) if self.subcommand else {}
+        every = int(fit.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY) or 0)
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in configured
+        ):
+            callbacks = [*callbacks, ModelCheckpoint()]
+            if every > 0:
+                callbacks.append(PeriodicCheckpoint(every_n_train_steps=every))
         # checkpoints written atomically beside their target, unless a checkpoint IO is configured
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]

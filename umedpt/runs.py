@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -51,7 +52,10 @@ def run_of_checkpoint(ckpt_path: str | Path) -> RunDir | None:
 
 
 def last_checkpoint(root: str | Path, name: str = "lightning_logs") -> Path:
-    """The newest checkpoint of the newest run under ``root/name`` (``last.ckpt`` when it has one).
+    """The newest checkpoint file of the newest run under ``root/name``.
+
+    A run writes ``last.ckpt`` every ``--checkpoint_every`` steps and ``epoch=E-step=S.ckpt`` at
+    each validation / epoch end; the one written last (by modification time) is returned.
 
     Raises:
         FileNotFoundError: naming the folder searched, when no run there has a checkpoint.
@@ -70,8 +74,7 @@ def last_checkpoint(root: str | Path, name: str = "lightning_logs") -> Path:
             "--trainer.default_root_dir as the run to resume)."
         )
     _, ckpts = max(runs, key=lambda run: run[0])
-    named_last = [p for p in ckpts if p.name == "last.ckpt"]
-    return named_last[0] if named_last else max(ckpts, key=lambda p: (p.stat().st_mtime, p.name))
+    return max(ckpts, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt", p.name))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -169,3 +172,20 @@ def architecture_differences(checkpoint_hparams: dict[str, Any], model_config: A
 def _get(node: Any, key: str) -> Any:
     """``node[key]`` for dicts and jsonargparse namespaces, ``None`` when absent."""
     return node.get(key) if hasattr(node, "get") else None
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps (no other files).
+
+    Its state key does not depend on its arguments, so that validate / test / predict, which
+    add one with any period, accept the checkpoints of a fit without Lightning's warning about
+    missing callbacks.
+    """
+
+    def __init__(self, every_n_train_steps: int, **kwargs: Any) -> None:
+        super().__init__(every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True, **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+

@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal
 
+import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from umedpt.data.loading import EpochShuffleSampler, TaskSubsetLoader, collate_cases
+from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, TaskSubsetLoader, collate_cases
 from umedpt.tasks import Task, as_task, check_unique, import_class
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -144,7 +145,8 @@ class MultiTaskDataModule(LightningDataModule):
         train = split == "train"
         dataset = self.datasets[split][task.name]
         workers = self.num_workers if task.num_workers is None else task.num_workers
-        return DataLoader(
+        # training loaders remember their position: a fit resumed mid-epoch continues it exactly
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=task.batch_size if train else (self.eval_batch_size or task.batch_size),
             sampler=EpochShuffleSampler(len(dataset), seed=self.seed * 1000 + index) if train else None,
@@ -153,6 +155,10 @@ class MultiTaskDataModule(LightningDataModule):
             persistent_workers=train and workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate_cases,
+            # the loader's own stream for its worker seeds: starting an iteration must not draw
+            # from the global stream that stochastic depth uses (a resumed run starts its loaders
+            # at another point of that stream than the uninterrupted run did)
+            generator=torch.Generator().manual_seed(self.seed * 1000 + index),
         )
 
     def train_dataloader(self) -> CombinedLoader:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities._pytree import tree_unflatten
-from torch.utils.data import Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 #: keys whose per-sample values have different lengths and are kept as lists
 LIST_KEYS: tuple[str, ...] = ("boxes", "box_labels")
@@ -37,7 +37,7 @@ class EpochShuffleSampler(Sampler[int]):
     Lightning calls :meth:`set_epoch` before each epoch, so a run resumed from a
     checkpoint at an epoch boundary sees exactly the same order as an uninterrupted run.
     Within an epoch each new pass (a shorter task cycled by ``max_size_cycle``) draws a
-    new permutation.
+    new permutation. :meth:`resume_at` continues a pass part-way (a run resumed mid-epoch).
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
@@ -47,20 +47,90 @@ class EpochShuffleSampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         self._passes = 0
+        self._skip = 0  # indices to leave out of the next pass (a pass resumed part-way)
+        self._resumed_epoch: int | None = None
+
+    @property
+    def current_pass(self) -> int:
+        """Index of the pass being served in this epoch (-1 before the first)."""
+        return self._passes - 1
 
     def set_epoch(self, epoch: int) -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == epoch:  # positioned by resume_at already
+            return
         self.epoch = epoch
         self._passes = 0
+        self._skip = 0
+
+    def resume_at(self, epoch: int, pass_index: int, skip: int) -> None:
+        """Make the next pass pass ``pass_index`` of ``epoch`` without its first ``skip`` indices.
+
+        The following :meth:`set_epoch` call with the same epoch (Lightning makes it before the
+        resumed epoch's first batch) keeps this position.
+        """
+        self.epoch, self._passes, self._skip = epoch, pass_index, skip
+        self._resumed_epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
         # SeedSequence mixes the three numbers the same way on every Python version and platform
         state = np.random.SeedSequence([self.seed, self.epoch, self._passes]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(state))
         self._passes += 1
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        return iter(torch.randperm(self.num_samples, generator=generator)[skip:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochShuffleSampler` that can continue an epoch part-way.
+
+    It counts the batches it has served in the current pass; Lightning stores
+    :meth:`state_dict` in every checkpoint and hands it back through :meth:`load_state_dict`
+    when a fit resumes, so a run resumed from a checkpoint written mid-epoch (every N steps)
+    trains on exactly the batches the uninterrupted run would have. With any other sampler
+    (e.g. Lightning's distributed sampler wrapper) the state is ignored and the resumed epoch
+    starts its data order again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.served = 0
+        return _Served(super().__iter__(), self)
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochShuffleSampler):
+            return {}
+        return {"epoch": sampler.epoch, "pass": sampler.current_pass, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        if isinstance(sampler, EpochShuffleSampler) and state and state["pass"] >= 0:
+            sampler.resume_at(state["epoch"], state["pass"], state["batches"] * int(self.batch_size or 1))
+            self._resume_served = state["batches"]
+
+
+class _Served:
+    """Iterator of a :class:`ResumableDataLoader` that counts the batches it yields."""
+
+    def __init__(self, iterator: Iterator[Any], loader: ResumableDataLoader) -> None:
+        self.iterator, self.loader = iterator, loader
+        # a resumed pass has already served the batches it skips
+        loader.served = loader.__dict__.pop("_resume_served", 0)
+
+    def __iter__(self) -> _Served:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        self.loader.served += 1
+        return batch
 
 
 def task_subset(num_tasks: int, k: int, seed: int, epoch: int, index: int) -> list[int]:
@@ -103,8 +173,20 @@ class TaskSubsetLoader(CombinedLoader):
     def __iter__(self) -> TaskSubsetLoader:
         iterator = _SubsetCycle(self.flattened, self._limits, self.tasks_per_step, self.seed)
         iter(iterator)
+        iterator._idx = self.__dict__.pop("_start_index", 0)  # a run resumed mid-epoch
         self._iterator = iterator
         return self
+
+    def _state_dicts(self) -> list[dict[str, Any]]:
+        # the per-task loaders' positions, then the step within the epoch (the next subset draw)
+        index = self._iterator._idx if isinstance(self._iterator, _SubsetCycle) else 0
+        return [*super()._state_dicts(), {"task_subset_index": index}]
+
+    def _load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        if states and "task_subset_index" in states[-1]:
+            self._start_index = int(states[-1]["task_subset_index"])
+            states = states[:-1]
+        super()._load_state_dicts(states)
 
     def __next__(self) -> tuple[dict[str, Any], int, int]:
         assert self._iterator is not None, "call iter() first"
