@@ -15,7 +15,7 @@ import yaml
 from pydicom.data import get_testdata_file
 
 from tests.conftest import TINY_ENCODER
-from umedpt.data import MultiTaskDataModule
+from umedpt.data import MultiTaskDataModule, TaskDataError
 from umedpt.data.normalize import ImageMeta, Normalization
 from umedpt.data.readers import (
     CocoDetectionDataset,
@@ -367,3 +367,39 @@ def test_fit_on_real_format_files(tmp_path, data_files):
     cli = main(["fit", "-c", str(path)])
     assert cli.trainer.global_step == 2
     assert list(cli.model.task_names) == ["tissue", "findings"]
+
+
+# ------------------------------------------------------------------ bad inputs name the culprit
+def test_manifest_split_typo_is_an_error_with_a_suggestion(tmp_path, data_files):
+    image = str(data_files["manifest"]["truth"]["train"][0]["path"])
+    rows = [{"path": image, "split": s, "label": 0} for s in ("train", "val", "trian", "tset")]
+    manifest = _write_csv(tmp_path / "labels.csv", rows)
+    for split in SPLITS:  # every split refuses the table, not only the one the bad row was meant for
+        with pytest.raises(
+            ValueError,
+            match=r"labels\.csv line 4: split: 'trian' is not a split \(did you mean 'train'\?\); expected one of "
+                  r"\['test', 'testing', 'train', 'training', 'val', 'valid', 'validation'\]; 1 more rows",
+        ):
+            ManifestDataset(str(manifest), split=split, num_classes=2)
+    segmentation = _write_csv(tmp_path / "seg.csv", [{"image": image, "mask": image, "split": "vla"}])
+    with pytest.raises(ValueError, match=r"seg\.csv line 2: split: 'vla' is not a split \(did you mean 'val'\?\)"):
+        SegmentationDataset(manifest=str(segmentation), num_classes=2)
+
+
+def test_non_utf8_manifest_names_file_and_byte(tmp_path, data_files):
+    image = str(data_files["manifest"]["truth"]["train"][0]["path"])
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes(f"path,split,label\n{image},train,caf\xe9\n".encode("latin-1"))
+    position = len(f"path,split,label\n{image},train,caf".encode())
+    expected = rf"latin1\.csv is not UTF-8 text: byte 0xe9 at byte position {position} \(line 2\) .*save it as UTF-8"
+    with pytest.raises(ValueError, match=expected):
+        ManifestDataset(str(manifest))
+    spec = _task("diag", "classification", 2, "umedpt.data.readers.ManifestDataset", manifest=str(manifest))
+    with pytest.raises(TaskDataError, match=r"task 'diag' \(train split\): .*" + expected) as info:
+        MultiTaskDataModule(tasks=[spec], num_workers=0).setup("fit")
+    assert info.value.task == "diag" and info.value.split == "train"
+    assert isinstance(info.value.__cause__, ValueError)  # the reader's error, chained
+    assert isinstance(info.value.__cause__.__cause__, UnicodeDecodeError)
+    bom = tmp_path / "bom.csv"  # a byte order mark is not part of the header
+    bom.write_bytes(b"\xef\xbb\xbf" + f"path,split,label\n{image},train,0\n".encode())
+    assert len(ManifestDataset(str(bom), num_classes=2)) == 1

@@ -96,7 +96,6 @@ class SegmentationDataset(FileDataset):
             table = read_table(manifest, split, split_column)
             table.require(image_column, mask_column)
             base = Path(root) if root is not None else table.file.parent
-            self.notes = table.notes
             self.items = [
                 Item(image=table.resolve(row[image_column], base), mask=table.resolve(row[mask_column], base),
                      where=f"{table.file.name} line {line}")
