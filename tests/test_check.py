@@ -152,3 +152,29 @@ def test_example_configs_name_readers_and_their_arguments(config):
     for task in tasks:
         cls = import_class(task.data["class_path"], task.name)
         inspect.signature(cls).bind(split="train", **task.data["init_args"])  # every argument exists
+
+
+def test_nonfinite_voxels_are_errors_or_warnings_with_nonfinite_zero(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+    from nibabel.testing import data_path
+
+    volume = Path(data_path) / "resampled_anat_moved.nii"  # bundled with NaN voxels in every slice
+    image = nib.load(volume)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), tmp_path / "labels.nii.gz")
+    (tmp_path / "v.csv").write_text(f"image,mask,split\n{volume},labels.nii.gz,train\n")
+    task = _task("brain", "segmentation", 2, "NiftiSliceDataset", manifest=str(tmp_path / "v.csv"), num_classes=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"tasks": [task]}}))
+    code, report = run_json(capsys, "-c", str(config), "--splits", "train")
+    found = [p for p in problems_of(report, "brain") if p["severity"] == "error"]
+    assert code == 1 and len(found) == 3
+    assert all(p["field"] == "image" and "resampled_anat_moved.nii [slice" in p["source"]
+               and "values are not finite" in p["message"] for p in found)
+    assert report["tasks"][0]["splits"]["train"]["value_range"] is not None  # finite values only, valid JSON
+    assert run_json(capsys, "-c", str(config), "--splits", "train", "--quick")[0] == 0  # not decoded
+    task["data"]["init_args"]["nonfinite"] = "zero"
+    config.write_text(yaml.safe_dump({"model": {"tasks": [task]}}))
+    code, report = run_json(capsys, "-c", str(config), "--splits", "train")
+    assert code == 0 and report["warnings"] == 3
+    assert all("replaced by 0" in p["message"] for p in problems_of(report, "brain"))

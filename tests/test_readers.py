@@ -403,3 +403,57 @@ def test_non_utf8_manifest_names_file_and_byte(tmp_path, data_files):
     bom = tmp_path / "bom.csv"  # a byte order mark is not part of the header
     bom.write_bytes(b"\xef\xbb\xbf" + f"path,split,label\n{image},train,0\n".encode())
     assert len(ManifestDataset(str(bom), num_classes=2)) == 1
+
+
+@pytest.mark.parametrize(
+    ("planted", "counts"), [(np.nan, r"3 NaN, 0 Inf"), (np.inf, r"0 NaN, 3 Inf"), (-np.inf, r"0 NaN, 3 Inf")]
+)
+def test_nonfinite_pixels_are_an_error_or_zero(tmp_path, planted, counts):
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    image[2, :3] = planted
+    np.save(tmp_path / "scan.npy", image)
+    manifest = _write_csv(tmp_path / "m.csv", [{"path": "scan.npy", "split": "train", "label": 0}])
+    strict = ManifestDataset(str(manifest), num_classes=2, image_size=None, normalize="percentile")
+    message = rf"scan\.npy: image: 3 of 64 values are not finite \({counts}\); .*set nonfinite: zero"
+    with pytest.raises(DataError, match=message):
+        strict[0]
+    (problem,) = strict.problems(deep=True)
+    assert problem.severity == "error" and problem.field == "image" and problem.index == 0
+    assert strict.inspect(0).value_range == (0.0, 1.0)  # over the finite values
+    zero = ManifestDataset(str(manifest), num_classes=2, image_size=None, normalize="minmax", nonfinite="zero")
+    expected = np.where(np.isfinite(image), image, 0)
+    np.testing.assert_array_equal(zero.raw(0).image, expected)
+    np.testing.assert_allclose(zero[0]["image"][0].numpy(), (expected - 0.5) / 0.25, atol=1e-6)  # 0 before scaling
+    (warning,) = zero.problems(deep=True)
+    assert warning.severity == "warning" and "replaced by 0 (nonfinite: zero)" in warning.message
+    with pytest.raises(ValueError, match=r"ManifestDataset: nonfinite must be one of \['error', 'zero'\], got 'nan'"):
+        ManifestDataset(str(manifest), num_classes=2, nonfinite="nan")
+
+
+def _nan_volume_manifest(tmp_path: Path) -> Path:
+    """A manifest pairing nibabel's bundled volume with NaN voxels with an all-background label volume."""
+    from nibabel.testing import data_path
+
+    volume = Path(data_path) / "resampled_anat_moved.nii"
+    image = nib.load(volume)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), tmp_path / "labels.nii.gz")
+    return _write_csv(tmp_path / "volumes.csv", [{"image": str(volume), "mask": "labels.nii.gz", "split": "train"}])
+
+
+def test_nonfinite_voxels_of_a_nifti_volume(tmp_path):
+    manifest = _nan_volume_manifest(tmp_path)
+    ds = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None)
+    volume = nib.as_closest_canonical(nib.load(ds.items[0].image)).get_fdata()
+    nan = int(np.isnan(volume[..., 0]).sum())
+    with pytest.raises(DataError, match=rf"resampled_anat_moved\.nii \[slice 0\]: image: {nan} of 357 values are not "
+                                        r"finite \(\d+ NaN, 0 Inf\)"):
+        ds[0]
+    problems = ds.problems(deep=True)
+    assert [p.index for p in problems if p.severity == "error"] == [0, 1, 2]  # each slice has NaN voxels
+    spec = _task("brain", "segmentation", 2, "umedpt.data.readers.NiftiSliceDataset", manifest=str(manifest))
+    spec["data"]["init_args"]["num_classes"] = 2
+    with pytest.raises(ValueError, match=r"3 data error\(s\), first: .*resampled_anat_moved\.nii \[slice 0\]: image"):
+        MultiTaskDataModule(check="full").build_dataset(Task(**spec), "train")
+    zero = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None, nonfinite="zero")
+    assert np.isfinite(zero.raw(0).image).all() and torch.isfinite(zero[0]["image"]).all()
+    assert {p.severity for p in zero.problems(deep=True)} == {"warning"}

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import SPLITS, FileDataset, Item
+from umedpt.data.readers.base import SPLITS, FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
 from umedpt.data.readers.problems import did_you_mean
 from umedpt.data.transforms import ResizeMode, TransformSpec
@@ -167,7 +167,7 @@ class ManifestDataset(FileDataset):
         num_classes: number of classes when labels are integer indices (to report out-of-range ones).
         separator: separator of class names in a single multi-label column.
         delimiter: CSV delimiter (default: tab for ``.tsv``, else comma).
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -189,10 +189,11 @@ class ManifestDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
         if kind not in ("classification", "multilabel"):
             raise ValueError(f"ManifestDataset: kind must be 'classification' or 'multilabel', got {kind!r}")
-        super().__init__(split, kind, image_size, transform, normalize, channels, resize)
+        super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         table = read_table(manifest, split, split_column, delimiter)
         columns = [label_column] if isinstance(label_column, str) else list(label_column)
         table.require(path_column, *columns)
@@ -262,7 +263,7 @@ class ImageFolderDataset(FileDataset):
         split: ``train``, ``val`` or ``test``.
         class_names: class folder names in label order; None uses the sorted class folders
             of all splits.
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -276,8 +277,9 @@ class ImageFolderDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "classification", image_size, transform, normalize, channels, resize)
+        super().__init__(split, "classification", image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         directory = split_path(root, split)
         if not directory.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset: folder {directory} of the {split} split not found")

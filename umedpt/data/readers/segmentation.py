@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import FileDataset, Item
+from umedpt.data.readers.base import FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
 from umedpt.data.readers.manifest import image_files, read_table, split_path
 from umedpt.data.readers.problems import Problem
@@ -54,7 +54,7 @@ class SegmentationDataset(FileDataset):
         mask_suffix: what mask file names add to the image's name (e.g. ``_mask``).
         mask_values: stored mask value -> class index (e.g. ``{0: 0, 255: 1}``); any other value is an error.
         ignore_index: mask value of unlabelled pixels (kept as is; the head ignores it).
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -78,8 +78,10 @@ class SegmentationDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "segmentation", image_size, transform, normalize, channels, resize, ignore_index)
+        super().__init__(split, "segmentation", image_size, transform, normalize, channels, resize, ignore_index,
+                         nonfinite)
         name = type(self).__name__
         self.set_classes(num_classes, class_names)
         if 0 <= ignore_index < self.num_classes:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import Item
+from umedpt.data.readers.base import Item, NonFinite
 from umedpt.data.readers.image_io import ImageMeta
 from umedpt.data.readers.problems import DataError, Problem
 from umedpt.data.readers.segmentation import SegmentationDataset
@@ -80,7 +80,7 @@ class NiftiSliceDataset(SegmentationDataset):
         canonical: index the axes of the closest RAS orientation instead of the stored array axes.
         cache_volumes: how many opened volumes stay in memory per worker (compressed ``.nii.gz``
             volumes are decompressed whole; uncompressed ``.nii`` slices are read directly from disk).
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -107,10 +107,12 @@ class NiftiSliceDataset(SegmentationDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
         super().__init__(
             images, masks, split, num_classes, class_names, manifest, image_column, mask_column, split_column,
             root, mask_suffix, mask_values, ignore_index, image_size, transform, normalize, channels, resize,
+            nonfinite,
         )
         if axis not in (0, 1, 2):
             raise ValueError(f"NiftiSliceDataset: axis must be 0, 1 or 2, got {axis}")
