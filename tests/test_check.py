@@ -178,3 +178,24 @@ def test_nonfinite_voxels_are_errors_or_warnings_with_nonfinite_zero(tmp_path, c
     code, report = run_json(capsys, "-c", str(config), "--splits", "train")
     assert code == 0 and report["warnings"] == 3
     assert all("replaced by 0" in p["message"] for p in problems_of(report, "brain"))
+
+
+def test_binary_mask_without_mask_values_is_reported(tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    for folder in ("images/train", "masks/train"):
+        (tmp_path / folder).mkdir(parents=True)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 4:] = 255
+    for value, name in enumerate(("a", "b")):
+        cv2.imwrite(str(tmp_path / f"images/train/{name}.png"), np.full((16, 16), value, np.uint8))
+        cv2.imwrite(str(tmp_path / f"masks/train/{name}.png"), mask)
+    task = _task("nuclei", "segmentation", 2, "SegmentationDataset", images=str(tmp_path / "images"),
+                 masks=str(tmp_path / "masks"), num_classes=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"tasks": [task]}}))
+    code, report = run_json(capsys, "-c", str(tmp_path / "c.yaml"), "--splits", "train")
+    assert code == 0 and report["warnings"] == 2
+    for problem, name in zip(problems_of(report, "nuclei"), ("a", "b"), strict=True):
+        assert problem["source"].endswith(f"masks/train/{name}.png") and problem["field"] == "mask"
+        assert "75% of the pixels are ignore_index=255" in problem["message"] and "mask_values" in problem["message"]

@@ -422,7 +422,8 @@ def test_nonfinite_pixels_are_an_error_or_zero(tmp_path, planted, counts):
     assert strict.inspect(0).value_range == (0.0, 1.0)  # over the finite values
     zero = ManifestDataset(str(manifest), num_classes=2, image_size=None, normalize="minmax", nonfinite="zero")
     expected = np.where(np.isfinite(image), image, 0)
-    np.testing.assert_array_equal(zero.raw(0).image, expected)
+    with pytest.warns(UserWarning, match=r"scan\.npy: image: 3 of 64 values are not finite .*replaced by 0 .*shown once"):
+        np.testing.assert_array_equal(zero.raw(0).image, expected)
     np.testing.assert_allclose(zero[0]["image"][0].numpy(), (expected - 0.5) / 0.25, atol=1e-6)  # 0 before scaling
     (warning,) = zero.problems(deep=True)
     assert warning.severity == "warning" and "replaced by 0 (nonfinite: zero)" in warning.message
@@ -455,5 +456,31 @@ def test_nonfinite_voxels_of_a_nifti_volume(tmp_path):
     with pytest.raises(ValueError, match=r"3 data error\(s\), first: .*resampled_anat_moved\.nii \[slice 0\]: image"):
         MultiTaskDataModule(check="full").build_dataset(Task(**spec), "train")
     zero = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None, nonfinite="zero")
-    assert np.isfinite(zero.raw(0).image).all() and torch.isfinite(zero[0]["image"]).all()
+    with pytest.warns(UserWarning, match=r"resampled_anat_moved\.nii \[slice 0\]: image: .*replaced by 0"):
+        assert np.isfinite(zero.raw(0).image).all()
+    assert torch.isfinite(zero[1]["image"]).all()  # warned once per dataset
     assert {p.severity for p in zero.problems(deep=True)} == {"warning"}
+
+
+def test_binary_mask_read_as_mostly_ignore_index_warns(tmp_path):
+    for folder in ("images/train", "masks/train"):
+        (tmp_path / folder).mkdir(parents=True)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:14, 2:14] = 255  # 56% foreground stored as 255, the default ignore_index
+    cv2.imwrite(str(tmp_path / "images/train/a.png"), np.full((16, 16), 9, np.uint8))
+    cv2.imwrite(str(tmp_path / "masks/train/a.png"), mask)
+    ds = SegmentationDataset(str(tmp_path / "images"), str(tmp_path / "masks"), num_classes=2, image_size=None)
+    message = (r"masks/train/a\.png: mask: 56% of the pixels are ignore_index=255 and are not trained on; if 255 "
+               r"marks a class \(e\.g\. a 0/255 binary mask\), set mask_values \(e\.g\. \{0: 0, 255: 1\}\)")
+    with pytest.warns(UserWarning, match=message):
+        ds[0]
+    ds[0]  # once per dataset: no second warning (pytest turns warnings into errors)
+    (problem,) = ds.problems(deep=True)
+    assert problem.severity == "warning" and problem.field == "mask"
+    mapped = SegmentationDataset(str(tmp_path / "images"), str(tmp_path / "masks"), num_classes=2, image_size=None,
+                                 mask_values={0: 0, 255: 1}, ignore_index=-100)
+    assert mapped.problems(deep=True) == [] and mapped[0]["mask"].sum() == 144
+    mask[2:14, 2:14] = 1
+    mask[:6] = 255  # a third ignored: ordinary unlabelled margins
+    cv2.imwrite(str(tmp_path / "masks/train/a.png"), mask)
+    assert ds.problems(deep=True) == []

@@ -17,6 +17,7 @@ and :meth:`FileDataset.read_mask`. Everything else is shared:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,8 @@ class FileDataset(Dataset):
         self.notes: list[Problem] = []
         self.num_classes = 0
         self.class_names: list[str] = []
+        #: fields whose loading warnings were shown (:meth:`raw` shows one per field)
+        self._warned: set[str] = set()
 
     def set_classes(self, num_classes: int | None, class_names: Sequence[str] | None) -> None:
         """Set :attr:`num_classes` and :attr:`class_names` (default names ``"0"``, ``"1"``, ...)."""
@@ -277,11 +280,19 @@ class FileDataset(Dataset):
         return image, [Problem(self.source(i), "image", message, index=i)]
 
     def raw(self, i: int) -> Sample:
-        """Sample ``i`` at full depth (no normalisation); raises :class:`DataError` on any error."""
+        """Sample ``i`` at full depth (no normalisation); raises :class:`DataError` on any error.
+
+        A warning found on the pixels (e.g. a mask that is mostly ``ignore_index``) is shown as a
+        ``UserWarning``, once per dataset (and DataLoader worker) and field.
+        """
         errors = errors_only(self.entry_problems(i))
         if not errors:
             sample, problems = self.load(i)
             errors = errors_only(problems)
+            for problem in problems:
+                if problem.severity == "warning" and problem.field not in self._warned:
+                    self._warned.add(problem.field)
+                    warnings.warn(f"{problem} (shown once; `umedpt data check` lists every file)", stacklevel=2)
         if errors:
             raise DataError(str(errors[0]), errors[0])
         return sample
