@@ -484,3 +484,21 @@ def test_binary_mask_read_as_mostly_ignore_index_warns(tmp_path):
     mask[:6] = 255  # a third ignored: ordinary unlabelled margins
     cv2.imwrite(str(tmp_path / "masks/train/a.png"), mask)
     assert ds.problems(deep=True) == []
+
+
+def test_truncated_nifti_volume_names_the_file(tmp_path):
+    voxels = np.random.default_rng(0).integers(-1000, 1000, (16, 16, 8), dtype=np.int16)
+    for name, data in (("ct.nii.gz", voxels), ("labels.nii.gz", np.zeros_like(voxels, np.uint8))):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / name)
+    manifest = _write_csv(tmp_path / "v.csv", [{"image": "ct.nii.gz", "mask": "labels.nii.gz", "split": "train"}])
+    ds = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None)
+    np.testing.assert_array_equal(ds.raw(3).image, voxels[..., 3])  # intact, then cut
+    data = (tmp_path / "ct.nii.gz").read_bytes()
+    (tmp_path / "ct.nii.gz").write_bytes(data[: len(data) * 2 // 3])
+    truncated = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None)
+    assert len(truncated) == 8  # the header is intact
+    message = r"ct\.nii\.gz \[slice 0\]: image: cannot read the voxels \(EOFError: .*\); the file may be truncated"
+    with pytest.raises(DataError, match=message) as info:
+        truncated[0]
+    assert isinstance(info.value.__cause__, EOFError)
+    assert all(p.field == "image" and "cannot read the voxels" in p.message for p in truncated.problems(deep=True))

@@ -166,10 +166,19 @@ class NiftiSliceDataset(SegmentationDataset):
         return f"{self.items[i].mask or self.items[i].image} [slice {self.slices[i]}]"
 
     def _read_slice(self, path: str, i: int, fld: str) -> np.ndarray:
-        image, data = self._open(path)
-        if self.slices[i] >= slice_count(image, self.axis, self.canonical):
-            raise DataError.of(f"{path} [slice {self.slices[i]}]", fld, "the volume has no such slice", index=i)
-        return volume_slice(image, self.axis, self.slices[i], self.canonical, data)
+        where = f"{path} [slice {self.slices[i]}]"
+        try:  # the header was read when the volume was listed; the voxels are read now
+            image, data = self._open(path)
+            if self.slices[i] >= slice_count(image, self.axis, self.canonical):
+                raise DataError.of(where, fld, "the volume has no such slice", index=i)
+            return volume_slice(image, self.axis, self.slices[i], self.canonical, data)
+        except DataError:
+            raise
+        except Exception as err:  # gzip, zlib, numpy and nibabel each raise their own types
+            raise DataError.of(
+                where, fld, f"cannot read the voxels ({type(err).__name__}: {err}); the file may be truncated or "
+                "corrupt", index=i,
+            ) from err
 
     def read(self, i: int) -> tuple[np.ndarray, ImageMeta]:
         """Slice ``i`` of its image volume, at full depth."""
