@@ -502,3 +502,18 @@ def test_truncated_nifti_volume_names_the_file(tmp_path):
         truncated[0]
     assert isinstance(info.value.__cause__, EOFError)
     assert all(p.field == "image" and "cannot read the voxels" in p.message for p in truncated.problems(deep=True))
+
+
+def test_a_split_of_only_4d_series_names_the_files_skipped(tmp_path):
+    rows = []
+    for name in ("bold", "dwi"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 5), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), tmp_path / f"{name}_seg.nii.gz")
+        rows.append({"image": f"{name}.nii.gz", "mask": f"{name}_seg.nii.gz", "split": "test"})
+    manifest = _write_csv(tmp_path / "v.csv", rows)
+    spec = _task("fmri", "segmentation", 2, "umedpt.data.readers.NiftiSliceDataset", manifest=str(manifest))
+    spec["data"]["init_args"]["num_classes"] = 2
+    message = (r"task 'fmri': the test split is empty; 2 problem\(s\) found listing it: .*bold\.nii\.gz: image: "
+               r"shape \(8, 8, 4, 5\) is a 4D series of 5 volumes \(e\.g\. fMRI or DWI\), not a 3D volume; .*dwi\.nii\.gz")
+    with pytest.raises(ValueError, match=message):
+        MultiTaskDataModule(tasks=[spec], num_workers=0).setup("test")

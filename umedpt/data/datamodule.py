@@ -121,7 +121,9 @@ class MultiTaskDataModule(LightningDataModule):
         """What makes ``dataset`` unusable as the ``split`` of ``task`` (size, classes, kind)."""
         size = len(dataset)
         if size == 0:
-            return [f"task {task.name!r}: the {split} split is empty"]
+            notes = getattr(dataset, "notes", None) or []  # file readers: what they skipped and why
+            why = f"; {len(notes)} problem(s) found listing it: " + "; ".join(str(p) for p in notes[:3]) if notes else ""
+            return [f"task {task.name!r}: the {split} split is empty{why}"]
         errors = []
         ds_classes = getattr(dataset, "num_classes", task.num_classes)
         if ds_classes != task.num_classes:

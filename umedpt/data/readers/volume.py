@@ -64,11 +64,22 @@ def volume_slice(image: Any, axis: int, index: int, canonical: bool = True, data
     return np.ascontiguousarray(plane)
 
 
+def _not_3d(shape: tuple[int, ...]) -> str:
+    """Why a volume of ``shape`` is skipped, and what to do."""
+    if len(shape) < 3:
+        return f"shape {shape} is not a 3D volume; read 2D NIfTI images with SegmentationDataset"
+    series = int(np.prod(shape[3:]))
+    return (f"shape {shape} is a 4D series of {series} volumes (e.g. fMRI or DWI), not a 3D volume; it is skipped: "
+            "save the volumes to slice (e.g. one time point or the mean) as 3D files")
+
+
 class NiftiSliceDataset(SegmentationDataset):
     """Every slice of 3D NIfTI image volumes with their label volumes, as 2D segmentation samples.
 
     Volumes and label volumes are paired like :class:`SegmentationDataset` pairs images and masks
     (folders or a manifest). Each volume contributes one sample per slice along ``axis``.
+    Missing files and volumes that are not 3D (4D fMRI or DWI series) are skipped and listed in
+    :attr:`notes` (the data checker reports them; a split left empty names them).
     Values keep their stored depth (int16 CT stays exact; ``scl_slope``/``scl_inter`` are
     applied) until normalisation; for CT in Hounsfield units use a window, e.g. ``normalize: soft_tissue``.
 
@@ -130,8 +141,9 @@ class NiftiSliceDataset(SegmentationDataset):
             self.notes.append(Problem(volume.image, "file", "file not found"))
             return 0
         image, _ = self._open(volume.image, load=False)
-        if len(image.shape) < 3 or any(s != 1 for s in image.shape[3:]):
-            self.notes.append(Problem(volume.image, "image", f"shape {image.shape} is not a 3D volume"))
+        shape = tuple(int(s) for s in image.shape)
+        if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+            self.notes.append(Problem(volume.image, "image", _not_3d(shape)))
             return 0
         count = slice_count(image, self.axis, self.canonical)
         if volume.mask is not None and Path(volume.mask).is_file():
