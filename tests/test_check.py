@@ -199,3 +199,51 @@ def test_binary_mask_without_mask_values_is_reported(tmp_path, capsys):
     for problem, name in zip(problems_of(report, "nuclei"), ("a", "b"), strict=True):
         assert problem["source"].endswith(f"masks/train/{name}.png") and problem["field"] == "mask"
         assert "75% of the pixels are ignore_index=255" in problem["message"] and "mask_values" in problem["message"]
+
+
+def test_base_install_provides_every_import():
+    """`pip install -e .` must bring every package umedpt imports (the llm extra only for umedpt/mllm/llm.py)."""
+    import ast
+    import importlib.metadata as metadata
+    import re
+    import sys
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parents[1]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    todo = [Requirement(r) for r in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    installed: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:  # the base requirements and everything they pull in
+        requirement = todo.pop()
+        key = (norm(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        installed.add(key[0])
+        for text in metadata.requires(requirement.name) or []:
+            dependency = Requirement(text)
+            extras = requirement.extras or {""}
+            if dependency.marker is None or any(dependency.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dependency)
+    distributions = metadata.packages_distributions()
+    missing = []
+    for path in sorted((root / "umedpt").rglob("*.py")):
+        if path == root / "umedpt" / "mllm" / "llm.py":  # transformers and peft: the llm extra
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"umedpt", "heads"}:
+                if not {norm(d) for d in distributions.get(top, [])} & installed:
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}: {top}")
+    assert not missing, f"imports that the base install does not provide: {missing}"
