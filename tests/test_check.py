@@ -152,3 +152,98 @@ def test_example_configs_name_readers_and_their_arguments(config):
     for task in tasks:
         cls = import_class(task.data["class_path"], task.name)
         inspect.signature(cls).bind(split="train", **task.data["init_args"])  # every argument exists
+
+
+def test_nonfinite_voxels_are_errors_or_warnings_with_nonfinite_zero(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+    from nibabel.testing import data_path
+
+    volume = Path(data_path) / "resampled_anat_moved.nii"  # bundled with NaN voxels in every slice
+    image = nib.load(volume)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), tmp_path / "labels.nii.gz")
+    (tmp_path / "v.csv").write_text(f"image,mask,split\n{volume},labels.nii.gz,train\n")
+    task = _task("brain", "segmentation", 2, "NiftiSliceDataset", manifest=str(tmp_path / "v.csv"), num_classes=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"tasks": [task]}}))
+    code, report = run_json(capsys, "-c", str(config), "--splits", "train")
+    found = [p for p in problems_of(report, "brain") if p["severity"] == "error"]
+    assert code == 1 and len(found) == 3
+    assert all(p["field"] == "image" and "resampled_anat_moved.nii [slice" in p["source"]
+               and "values are not finite" in p["message"] for p in found)
+    assert report["tasks"][0]["splits"]["train"]["value_range"] is not None  # finite values only, valid JSON
+    assert run_json(capsys, "-c", str(config), "--splits", "train", "--quick")[0] == 0  # not decoded
+    task["data"]["init_args"]["nonfinite"] = "zero"
+    config.write_text(yaml.safe_dump({"model": {"tasks": [task]}}))
+    code, report = run_json(capsys, "-c", str(config), "--splits", "train")
+    assert code == 0 and report["warnings"] == 3
+    assert all("replaced by 0" in p["message"] for p in problems_of(report, "brain"))
+
+
+def test_binary_mask_without_mask_values_is_reported(tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    for folder in ("images/train", "masks/train"):
+        (tmp_path / folder).mkdir(parents=True)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 4:] = 255
+    for value, name in enumerate(("a", "b")):
+        cv2.imwrite(str(tmp_path / f"images/train/{name}.png"), np.full((16, 16), value, np.uint8))
+        cv2.imwrite(str(tmp_path / f"masks/train/{name}.png"), mask)
+    task = _task("nuclei", "segmentation", 2, "SegmentationDataset", images=str(tmp_path / "images"),
+                 masks=str(tmp_path / "masks"), num_classes=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"tasks": [task]}}))
+    code, report = run_json(capsys, "-c", str(tmp_path / "c.yaml"), "--splits", "train")
+    assert code == 0 and report["warnings"] == 2
+    for problem, name in zip(problems_of(report, "nuclei"), ("a", "b"), strict=True):
+        assert problem["source"].endswith(f"masks/train/{name}.png") and problem["field"] == "mask"
+        assert "75% of the pixels are ignore_index=255" in problem["message"] and "mask_values" in problem["message"]
+
+
+def test_base_install_provides_every_import():
+    """`pip install -e .` must bring every package umedpt imports (the llm extra only for umedpt/mllm/llm.py)."""
+    import ast
+    import importlib.metadata as metadata
+    import re
+    import sys
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parents[1]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    todo = [Requirement(r) for r in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    installed: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:  # the base requirements and everything they pull in
+        requirement = todo.pop()
+        key = (norm(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        installed.add(key[0])
+        for text in metadata.requires(requirement.name) or []:
+            dependency = Requirement(text)
+            extras = requirement.extras or {""}
+            if dependency.marker is None or any(dependency.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dependency)
+    distributions = metadata.packages_distributions()
+    missing = []
+    for path in sorted((root / "umedpt").rglob("*.py")):
+        if path == root / "umedpt" / "mllm" / "llm.py":  # transformers and peft: the llm extra
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"umedpt", "heads"}:
+                if not {norm(d) for d in distributions.get(top, [])} & installed:
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}: {top}")
+    assert not missing, f"imports that the base install does not provide: {missing}"

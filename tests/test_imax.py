@@ -166,6 +166,10 @@ GOOD = '{"image": "images/train_00000.npy", "annotations": {"grade": {"label": 1
             '{"image": "images/train_00001.npy", "annotations": {"grade": {"label": 1, "pseudo": "yes"}}}',
             r"line 2, field 'annotations.grade.pseudo': expected true or false",
         ),
+        (
+            '{"image": "images/train_00001.npy", "split": "trian"}',
+            r"line 2, field 'split': 'trian' is not one of \['train', 'val', 'test'\] \(did you mean 'train'\?\)",
+        ),
     ],
 )
 def test_bad_entries_name_line_and_field(world, line, message):

@@ -134,3 +134,27 @@ def test_routing_plot_names_the_text_only_tasks_it_has_no_row_for(tmp_path):
     assert text_only_note({**weights, "qa": [0.5, 0.5]}) is None
     path = plot_routing(weights, tmp_path / "r.png", note=note)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_names_file_line_and_id_of_bad_records(tmp_path):
+    good = {"id": "a", "task": "vqa", "dataset": "d", "answer": "yes", "prediction": "yes"}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + '{"id": "b", "task": "vqa",\n')  # line 2 is blank
+    with pytest.raises(ValueError, match=r"p\.jsonl:3: not valid JSON: Expecting property name enclosed in double "
+                                         r"quotes at column 27"):
+        main(["mllm-evaluate", str(path)])
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", "prediction": None}) + "\n")
+    with pytest.raises(ValueError, match=r"p\.jsonl:2 \(id 'b'\): prediction must be a string, got null"):
+        main(["mllm-evaluate", str(path)])
+    path.write_text(json.dumps(good) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: expected a JSON object, got list"):
+        main(["mllm-evaluate", str(path)])
+    unanswered = [good, *({k: v for k, v in good.items() if k != "answer"} | {"id": i} for i in ("c", "d"))]
+    predictions = write_jsonl(path, unanswered)
+    with pytest.raises(ValueError, match=r"2 predictions of .*p\.jsonl have no reference answer \(ids \['c', 'd'\]\); "
+                                         r"add 'answer' to them or give --references"):
+        main(["mllm-evaluate", predictions])
+    refs = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "image": None, "task": "vqa", "instruction": "q",
+                                               "answer": "yes", "dataset": "d"}])
+    with pytest.raises(ValueError, match=r"2 predictions of .*p\.jsonl have no reference in .*r\.jsonl \(ids \['c', 'd'\]\)"):
+        main(["mllm-evaluate", predictions, "--references", refs])

@@ -15,7 +15,7 @@ import yaml
 from pydicom.data import get_testdata_file
 
 from tests.conftest import TINY_ENCODER
-from umedpt.data import MultiTaskDataModule
+from umedpt.data import MultiTaskDataModule, TaskDataError
 from umedpt.data.normalize import ImageMeta, Normalization
 from umedpt.data.readers import (
     CocoDetectionDataset,
@@ -367,3 +367,153 @@ def test_fit_on_real_format_files(tmp_path, data_files):
     cli = main(["fit", "-c", str(path)])
     assert cli.trainer.global_step == 2
     assert list(cli.model.task_names) == ["tissue", "findings"]
+
+
+# ------------------------------------------------------------------ bad inputs name the culprit
+def test_manifest_split_typo_is_an_error_with_a_suggestion(tmp_path, data_files):
+    image = str(data_files["manifest"]["truth"]["train"][0]["path"])
+    rows = [{"path": image, "split": s, "label": 0} for s in ("train", "val", "trian", "tset")]
+    manifest = _write_csv(tmp_path / "labels.csv", rows)
+    for split in SPLITS:  # every split refuses the table, not only the one the bad row was meant for
+        with pytest.raises(
+            ValueError,
+            match=r"labels\.csv line 4: split: 'trian' is not a split \(did you mean 'train'\?\); expected one of "
+                  r"\['test', 'testing', 'train', 'training', 'val', 'valid', 'validation'\]; 1 more rows",
+        ):
+            ManifestDataset(str(manifest), split=split, num_classes=2)
+    segmentation = _write_csv(tmp_path / "seg.csv", [{"image": image, "mask": image, "split": "vla"}])
+    with pytest.raises(ValueError, match=r"seg\.csv line 2: split: 'vla' is not a split \(did you mean 'val'\?\)"):
+        SegmentationDataset(manifest=str(segmentation), num_classes=2)
+
+
+def test_non_utf8_manifest_names_file_and_byte(tmp_path, data_files):
+    image = str(data_files["manifest"]["truth"]["train"][0]["path"])
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes(f"path,split,label\n{image},train,caf\xe9\n".encode("latin-1"))
+    position = len(f"path,split,label\n{image},train,caf".encode())
+    expected = rf"latin1\.csv is not UTF-8 text: byte 0xe9 at byte position {position} \(line 2\) .*save it as UTF-8"
+    with pytest.raises(ValueError, match=expected):
+        ManifestDataset(str(manifest))
+    spec = _task("diag", "classification", 2, "umedpt.data.readers.ManifestDataset", manifest=str(manifest))
+    with pytest.raises(TaskDataError, match=r"task 'diag' \(train split\): .*" + expected) as info:
+        MultiTaskDataModule(tasks=[spec], num_workers=0).setup("fit")
+    assert info.value.task == "diag" and info.value.split == "train"
+    assert isinstance(info.value.__cause__, ValueError)  # the reader's error, chained
+    assert isinstance(info.value.__cause__.__cause__, UnicodeDecodeError)
+    bom = tmp_path / "bom.csv"  # a byte order mark is not part of the header
+    bom.write_bytes(b"\xef\xbb\xbf" + f"path,split,label\n{image},train,0\n".encode())
+    assert len(ManifestDataset(str(bom), num_classes=2)) == 1
+
+
+@pytest.mark.parametrize(
+    ("planted", "counts"), [(np.nan, r"3 NaN, 0 Inf"), (np.inf, r"0 NaN, 3 Inf"), (-np.inf, r"0 NaN, 3 Inf")]
+)
+def test_nonfinite_pixels_are_an_error_or_zero(tmp_path, planted, counts):
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    image[2, :3] = planted
+    np.save(tmp_path / "scan.npy", image)
+    manifest = _write_csv(tmp_path / "m.csv", [{"path": "scan.npy", "split": "train", "label": 0}])
+    strict = ManifestDataset(str(manifest), num_classes=2, image_size=None, normalize="percentile")
+    message = rf"scan\.npy: image: 3 of 64 values are not finite \({counts}\); .*set nonfinite: zero"
+    with pytest.raises(DataError, match=message):
+        strict[0]
+    (problem,) = strict.problems(deep=True)
+    assert problem.severity == "error" and problem.field == "image" and problem.index == 0
+    assert strict.inspect(0).value_range == (0.0, 1.0)  # over the finite values
+    zero = ManifestDataset(str(manifest), num_classes=2, image_size=None, normalize="minmax", nonfinite="zero")
+    expected = np.where(np.isfinite(image), image, 0)
+    with pytest.warns(UserWarning, match=r"scan\.npy: image: 3 of 64 values are not finite .*replaced by 0 .*shown once"):
+        np.testing.assert_array_equal(zero.raw(0).image, expected)
+    np.testing.assert_allclose(zero[0]["image"][0].numpy(), (expected - 0.5) / 0.25, atol=1e-6)  # 0 before scaling
+    (warning,) = zero.problems(deep=True)
+    assert warning.severity == "warning" and "replaced by 0 (nonfinite: zero)" in warning.message
+    with pytest.raises(ValueError, match=r"ManifestDataset: nonfinite must be one of \['error', 'zero'\], got 'nan'"):
+        ManifestDataset(str(manifest), num_classes=2, nonfinite="nan")
+
+
+def _nan_volume_manifest(tmp_path: Path) -> Path:
+    """A manifest pairing nibabel's bundled volume with NaN voxels with an all-background label volume."""
+    from nibabel.testing import data_path
+
+    volume = Path(data_path) / "resampled_anat_moved.nii"
+    image = nib.load(volume)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), tmp_path / "labels.nii.gz")
+    return _write_csv(tmp_path / "volumes.csv", [{"image": str(volume), "mask": "labels.nii.gz", "split": "train"}])
+
+
+def test_nonfinite_voxels_of_a_nifti_volume(tmp_path):
+    manifest = _nan_volume_manifest(tmp_path)
+    ds = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None)
+    volume = nib.as_closest_canonical(nib.load(ds.items[0].image)).get_fdata()
+    nan = int(np.isnan(volume[..., 0]).sum())
+    with pytest.raises(DataError, match=rf"resampled_anat_moved\.nii \[slice 0\]: image: {nan} of 357 values are not "
+                                        r"finite \(\d+ NaN, 0 Inf\)"):
+        ds[0]
+    problems = ds.problems(deep=True)
+    assert [p.index for p in problems if p.severity == "error"] == [0, 1, 2]  # each slice has NaN voxels
+    spec = _task("brain", "segmentation", 2, "umedpt.data.readers.NiftiSliceDataset", manifest=str(manifest))
+    spec["data"]["init_args"]["num_classes"] = 2
+    with pytest.raises(ValueError, match=r"3 data error\(s\), first: .*resampled_anat_moved\.nii \[slice 0\]: image"):
+        MultiTaskDataModule(check="full").build_dataset(Task(**spec), "train")
+    zero = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None, nonfinite="zero")
+    with pytest.warns(UserWarning, match=r"resampled_anat_moved\.nii \[slice 0\]: image: .*replaced by 0"):
+        assert np.isfinite(zero.raw(0).image).all()
+    assert torch.isfinite(zero[1]["image"]).all()  # warned once per dataset
+    assert {p.severity for p in zero.problems(deep=True)} == {"warning"}
+
+
+def test_binary_mask_read_as_mostly_ignore_index_warns(tmp_path):
+    for folder in ("images/train", "masks/train"):
+        (tmp_path / folder).mkdir(parents=True)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:14, 2:14] = 255  # 56% foreground stored as 255, the default ignore_index
+    cv2.imwrite(str(tmp_path / "images/train/a.png"), np.full((16, 16), 9, np.uint8))
+    cv2.imwrite(str(tmp_path / "masks/train/a.png"), mask)
+    ds = SegmentationDataset(str(tmp_path / "images"), str(tmp_path / "masks"), num_classes=2, image_size=None)
+    message = (r"masks/train/a\.png: mask: 56% of the pixels are ignore_index=255 and are not trained on; if 255 "
+               r"marks a class \(e\.g\. a 0/255 binary mask\), set mask_values \(e\.g\. \{0: 0, 255: 1\}\)")
+    with pytest.warns(UserWarning, match=message):
+        ds[0]
+    ds[0]  # once per dataset: no second warning (pytest turns warnings into errors)
+    (problem,) = ds.problems(deep=True)
+    assert problem.severity == "warning" and problem.field == "mask"
+    mapped = SegmentationDataset(str(tmp_path / "images"), str(tmp_path / "masks"), num_classes=2, image_size=None,
+                                 mask_values={0: 0, 255: 1}, ignore_index=-100)
+    assert mapped.problems(deep=True) == [] and mapped[0]["mask"].sum() == 144
+    mask[2:14, 2:14] = 1
+    mask[:6] = 255  # a third ignored: ordinary unlabelled margins
+    cv2.imwrite(str(tmp_path / "masks/train/a.png"), mask)
+    assert ds.problems(deep=True) == []
+
+
+def test_truncated_nifti_volume_names_the_file(tmp_path):
+    voxels = np.random.default_rng(0).integers(-1000, 1000, (16, 16, 8), dtype=np.int16)
+    for name, data in (("ct.nii.gz", voxels), ("labels.nii.gz", np.zeros_like(voxels, np.uint8))):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / name)
+    manifest = _write_csv(tmp_path / "v.csv", [{"image": "ct.nii.gz", "mask": "labels.nii.gz", "split": "train"}])
+    ds = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None)
+    np.testing.assert_array_equal(ds.raw(3).image, voxels[..., 3])  # intact, then cut
+    data = (tmp_path / "ct.nii.gz").read_bytes()
+    (tmp_path / "ct.nii.gz").write_bytes(data[: len(data) * 2 // 3])
+    truncated = NiftiSliceDataset(manifest=str(manifest), num_classes=2, image_size=None)
+    assert len(truncated) == 8  # the header is intact
+    message = r"ct\.nii\.gz \[slice 0\]: image: cannot read the voxels \(EOFError: .*\); the file may be truncated"
+    with pytest.raises(DataError, match=message) as info:
+        truncated[0]
+    assert isinstance(info.value.__cause__, EOFError)
+    assert all(p.field == "image" and "cannot read the voxels" in p.message for p in truncated.problems(deep=True))
+
+
+def test_a_split_of_only_4d_series_names_the_files_skipped(tmp_path):
+    rows = []
+    for name in ("bold", "dwi"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 5), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), tmp_path / f"{name}_seg.nii.gz")
+        rows.append({"image": f"{name}.nii.gz", "mask": f"{name}_seg.nii.gz", "split": "test"})
+    manifest = _write_csv(tmp_path / "v.csv", rows)
+    spec = _task("fmri", "segmentation", 2, "umedpt.data.readers.NiftiSliceDataset", manifest=str(manifest))
+    spec["data"]["init_args"]["num_classes"] = 2
+    message = (r"task 'fmri': the test split is empty; 2 problem\(s\) found listing it: .*bold\.nii\.gz: image: "
+               r"shape \(8, 8, 4, 5\) is a 4D series of 5 volumes \(e\.g\. fMRI or DWI\), not a 3D volume; .*dwi\.nii\.gz")
+    with pytest.raises(ValueError, match=message):
+        MultiTaskDataModule(tasks=[spec], num_workers=0).setup("test")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from umedpt.data.datamodule import MultiTaskDataModule
+from umedpt.data.datamodule import MultiTaskDataModule, TaskDataError
 from umedpt.data.loading import EpochShuffleSampler, collate_cases
 
 #: public names served lazily: name -> module
@@ -32,7 +32,7 @@ _LAZY: dict[str, str] = {
     "CaseTransform": "umedpt.data.transforms",
 }
 
-__all__ = ["EpochShuffleSampler", "MultiTaskDataModule", "collate_cases", *_LAZY]
+__all__ = ["EpochShuffleSampler", "MultiTaskDataModule", "TaskDataError", "collate_cases", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -167,7 +167,8 @@ def _inspect_split(dataset: FileDataset, split: str, report: TaskReport, deep: b
             summary.sizes[f"{item.shape[0]}x{item.shape[1]}"] += 1
             summary.channels[item.shape[2] if len(item.shape) == 3 else 1] += 1
             summary.dtypes[item.dtype] += 1
-            low, high = min(low, item.value_range[0]), max(high, item.value_range[1])
+            if item.value_range is not None:  # None: no finite value
+                low, high = min(low, item.value_range[0]), max(high, item.value_range[1])
             first_split, first_index, first_source = digests.setdefault(item.digest, (split, i, item.source))
             if (first_split, first_index) != (split, i):
                 severity = "error" if first_split != split else "warning"

@@ -23,6 +23,23 @@ STAGE_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
+class TaskDataError(ValueError):
+    """A task's dataset cannot be built; the message names the task and the split.
+
+    The error that stopped the dataset's constructor is chained as ``__cause__``.
+
+    Args:
+        task: the task's name.
+        split: the split being built.
+        message: what went wrong.
+    """
+
+    def __init__(self, task: str, split: str, message: str) -> None:
+        super().__init__(f"task {task!r} ({split} split): {message}")
+        self.task = task
+        self.split = split
+
+
 class MultiTaskDataModule(LightningDataModule):
     """Builds every task's datasets from its ``data`` spec and serves them per task.
 
@@ -80,7 +97,11 @@ class MultiTaskDataModule(LightningDataModule):
         self.datasets: dict[str, dict[str, Dataset]] = {split: {} for split in SPLITS}
 
     def instantiate_dataset(self, task: Task, split: str) -> Dataset:
-        """Instantiate ``task.data`` for ``split`` (with ``dataset_defaults``); errors name the task."""
+        """Instantiate ``task.data`` for ``split`` (with ``dataset_defaults``).
+
+        Raises:
+            TaskDataError: naming the task and split, chained to the constructor's error.
+        """
         if task.data is None:
             raise ValueError(
                 f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec"
@@ -93,15 +114,17 @@ class MultiTaskDataModule(LightningDataModule):
                 init_args[key] = value
         try:
             return cls(split=split, **init_args)
-        except (TypeError, ValueError, FileNotFoundError, IndexError) as err:
-            raise type(err)(f"task {task.name!r} ({split} split): {err}") from err
+        except (TypeError, ValueError, OSError, IndexError) as err:
+            raise TaskDataError(task.name, split, str(err)) from err
 
     @staticmethod
     def spec_errors(task: Task, split: str, dataset: Dataset) -> list[str]:
         """What makes ``dataset`` unusable as the ``split`` of ``task`` (size, classes, kind)."""
         size = len(dataset)
         if size == 0:
-            return [f"task {task.name!r}: the {split} split is empty"]
+            notes = getattr(dataset, "notes", None) or []  # file readers: what they skipped and why
+            why = f"; {len(notes)} problem(s) found listing it: " + "; ".join(str(p) for p in notes[:3]) if notes else ""
+            return [f"task {task.name!r}: the {split} split is empty{why}"]
         errors = []
         ds_classes = getattr(dataset, "num_classes", task.num_classes)
         if ds_classes != task.num_classes:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from umedpt.data.datamodule import MultiTaskDataModule
 from umedpt.data.loading import EpochShuffleSampler, collate_cases
 from umedpt.data.readers import read_image
+from umedpt.data.readers.problems import did_you_mean
 from umedpt.device import batch_to_device
 from umedpt.tasks import Task, as_task
 
@@ -293,7 +294,8 @@ def _parse_record(raw: dict[str, Any], where: str, tasks: dict[str, Task]) -> Im
         raise ManifestError(f"{where}, field 'image': expected a non-empty path, got {image!r}")
     split = raw.get("split", "train")
     if split not in SPLITS:
-        raise ManifestError(f"{where}, field 'split': {split!r} is not one of {list(SPLITS)}")
+        hint = did_you_mean(split, SPLITS) if isinstance(split, str) else ""
+        raise ManifestError(f"{where}, field 'split': {split!r} is not one of {list(SPLITS)}{hint}")
     for key in ("id", "text"):
         if key in raw and not isinstance(raw[key], str):
             raise ManifestError(f"{where}, field {key!r}: expected a string, got {raw[key]!r}")

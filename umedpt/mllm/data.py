@@ -13,7 +13,6 @@ pool for every sample (``instruction`` is used as it is for evaluation).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from umedpt.data.synthetic import SPLIT_OFFSETS, render_scene
+from umedpt.mllm.jsonl import read_jsonl
 from umedpt.mllm.prompts import fill_template
 
 REQUIRED_KEYS: tuple[str, ...] = ("image", "task", "instruction", "answer", "dataset")
@@ -39,14 +39,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"instruction file {path} does not exist")
     records, task_of = [], {}
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_no, record in read_jsonl(path):
         where = f"{path}:{line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON: {err}") from err
         missing = [k for k in REQUIRED_KEYS if k not in record]
         if missing:
             raise ValueError(f"{where}: missing keys {missing} (a record needs {list(REQUIRED_KEYS)})")

@@ -18,7 +18,10 @@ from umedpt.mllm.metrics import evaluate_records, markdown_table
 from umedpt.mllm.predictions import read_predictions
 
 
-def _with_references(records: list[dict[str, Any]], references: str | None) -> list[dict[str, Any]]:
+def _with_references(
+    records: list[dict[str, Any]], predictions: str, references: str | None
+) -> list[dict[str, Any]]:
+    """``records`` with their reference ``answer`` (from ``references`` by id, when given)."""
     if references is not None:
         from umedpt.mllm.data import read_records
 
@@ -26,13 +29,15 @@ def _with_references(records: list[dict[str, Any]], references: str | None) -> l
         missing = [r.get("id") for r in records if str(r.get("id")) not in answers]
         if missing:
             raise ValueError(
-                f"mllm-evaluate: {len(missing)} predictions have no reference in {references}: {missing[:3]}"
+                f"mllm-evaluate: {len(missing)} predictions of {predictions} have no reference in {references} "
+                f"(ids {missing[:5]})"
             )
         records = [{**r, "answer": answers[str(r["id"])]} for r in records]
     missing = [r.get("id") for r in records if "answer" not in r]
     if missing:
         raise ValueError(
-            f"mllm-evaluate: {len(missing)} predictions have no reference answer (use --references)"
+            f"mllm-evaluate: {len(missing)} predictions of {predictions} have no reference answer "
+            f"(ids {missing[:5]}); add 'answer' to them or give --references"
         )
     return records
 
@@ -54,7 +59,7 @@ def evaluate(
     predictions: str, references: str | None = None, output_dir: str | None = None
 ) -> dict[str, Any]:
     """Score a predictions file; write ``metrics.json``/``metrics.md`` into ``output_dir``; return the report."""
-    records = _with_references(read_predictions(predictions), references)
+    records = _with_references(read_predictions(predictions), predictions, references)
     out = Path(output_dir) if output_dir else Path(predictions).parent
     out.mkdir(parents=True, exist_ok=True)
     rows = evaluate_records(records)

@@ -9,6 +9,8 @@ from typing import Any
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
+from umedpt.mllm.jsonl import read_jsonl
+
 
 class GenerationWriter(Callback):
     """Write the records returned by ``MLLMModule.predict_step`` to a JSONL file when predict ends.
@@ -52,13 +54,22 @@ class GenerationWriter(Callback):
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a predictions JSONL file (each needs ``task``, ``dataset`` and ``prediction``)."""
+    """Records of a predictions JSONL file, checked.
+
+    Each needs ``task``, ``dataset`` and ``prediction`` strings (and ``answer``, when present, a
+    string). Raises ``ValueError`` naming the file, the line and the record's ``id``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file {path} does not exist")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for i, record in enumerate(records, start=1):
+    records = []
+    for line_no, record in read_jsonl(path):
+        where = f"{path}:{line_no}" + (f" (id {record['id']!r})" if "id" in record else "")
         missing = [k for k in ("task", "dataset", "prediction") if k not in record]
         if missing:
-            raise ValueError(f"{path}:{i}: missing keys {missing}")
+            raise ValueError(f"{where}: missing keys {missing}")
+        for key in ("task", "dataset", "prediction", "answer"):
+            if key in record and not isinstance(record[key], str):
+                raise ValueError(f"{where}: {key} must be a string, got {json.dumps(record[key])}")
+        records.append(record)
     return records

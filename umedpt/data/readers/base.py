@@ -6,8 +6,8 @@ and :meth:`FileDataset.read_mask`. Everything else is shared:
 
 * :meth:`FileDataset.entry_problems`: checks that need no decoding (files exist, labels in
   range, boxes valid and inside the declared image size);
-* :meth:`FileDataset.sample_problems`: checks on decoded pixels (mask size and values, boxes
-  inside the real image);
+* :meth:`FileDataset.sample_problems`: checks on decoded pixels (non-finite values, mask size and
+  values, boxes inside the real image);
 * :meth:`FileDataset.__getitem__`: read at full depth, check, normalise to [0, 1], resize and
   augment (:class:`~umedpt.data.transforms.CaseTransform`), standardise, and return the case dict
   the heads consume;
@@ -17,6 +17,7 @@ and :meth:`FileDataset.read_mask`. Everything else is shared:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,18 @@ from umedpt.data.readers.image_io import ImageMeta, load_image, read_image
 from umedpt.data.readers.problems import DataError, Problem, errors_only
 from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
 
-__all__ = ["BOX_TOLERANCE", "KINDS", "FileDataset", "Item", "ItemReport", "Kind", "Sample", "SPLITS"]
+__all__ = [
+    "BOX_TOLERANCE", "KINDS", "NONFINITE", "FileDataset", "Item", "ItemReport", "Kind", "NonFinite", "Sample",
+    "SPLITS",
+]
 
 Kind = Literal["classification", "multilabel", "segmentation", "detection"]
 KINDS: tuple[str, ...] = ("classification", "multilabel", "segmentation", "detection")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: what a reader does with NaN and Inf pixels: ``error`` (the sample is refused, naming the file)
+#: or ``zero`` (they become 0 before normalisation, and the data checker warns)
+NonFinite = Literal["error", "zero"]
+NONFINITE: tuple[str, ...] = ("error", "zero")
 #: message of a problem for a file that does not exist
 MISSING = "file not found"
 #: boxes may exceed the image by this many pixels (rounding in annotation tools); they are clipped
@@ -91,7 +99,7 @@ class ItemReport:
         problems: everything wrong with the sample.
         shape: shape of the stored image (None when unreadable).
         dtype: pixel type of the stored image.
-        value_range: smallest and largest stored value.
+        value_range: smallest and largest finite stored value (None when none is finite).
         digest: hash of the stored pixels (duplicate detection).
         class_counts: per class: 1/0 for (multi-)labels, pixels for masks, boxes for detection.
     """
@@ -132,6 +140,9 @@ class FileDataset(Dataset):
             alpha dropped).
         resize: ``stretch`` or ``letterbox``.
         ignore_index: mask value that marks unlabelled pixels (segmentation).
+        nonfinite: what to do with NaN or Inf pixel values (float images): ``error`` (default)
+            refuses the sample, naming the file and the count; ``zero`` replaces them by 0 before
+            normalisation (the data checker reports a warning).
     """
 
     def __init__(
@@ -144,6 +155,7 @@ class FileDataset(Dataset):
         channels: int = 3,
         resize: ResizeMode = "stretch",
         ignore_index: int = 255,
+        nonfinite: NonFinite = "error",
     ) -> None:
         name = type(self).__name__
         if split not in SPLITS:
@@ -152,6 +164,9 @@ class FileDataset(Dataset):
             raise ValueError(f"{name}: kind must be one of {list(KINDS)}, got {kind!r}")
         if channels not in (1, 3):
             raise ValueError(f"{name}: channels must be 1 or 3, got {channels}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"{name}: nonfinite must be one of {list(NONFINITE)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.split = split
         self.kind: str = kind
         self.channels = channels
@@ -170,6 +185,8 @@ class FileDataset(Dataset):
         self.notes: list[Problem] = []
         self.num_classes = 0
         self.class_names: list[str] = []
+        #: fields whose loading warnings were shown (:meth:`raw` shows one per field)
+        self._warned: set[str] = set()
 
     def set_classes(self, num_classes: int | None, class_names: Sequence[str] | None) -> None:
         """Set :attr:`num_classes` and :attr:`class_names` (default names ``"0"``, ``"1"``, ...)."""
@@ -224,7 +241,7 @@ class FileDataset(Dataset):
     def load(self, i: int) -> tuple[Sample, list[Problem]]:
         """The sample's pixels and the problems found on them; raises :class:`DataError` if unreadable."""
         image, meta = self.read(i)
-        problems: list[Problem] = []
+        image, problems = self.finite_image(i, image)
         mask = None
         if self.kind == "segmentation":
             stored = self.read_mask(i)
@@ -237,16 +254,45 @@ class FileDataset(Dataset):
                             "are single-channel", index=i)
                 )
             else:
-                mask, problems = self.mask_classes(i, stored)
+                mask, mask_problems = self.mask_classes(i, stored)
+                problems += mask_problems
         sample = Sample(image, meta, mask)
         return sample, problems + self.sample_problems(i, sample)
 
+    def finite_image(self, i: int, image: np.ndarray) -> tuple[np.ndarray, list[Problem]]:
+        """``image`` with its NaN/Inf values handled as :attr:`nonfinite` says, and the problem they make.
+
+        ``error``: the image is returned as is with an error; ``zero``: a copy with 0 in their
+        place and a warning. Integer images are always finite.
+        """
+        if image.dtype.kind != "f":
+            return image, []
+        bad = ~np.isfinite(image)
+        count = int(np.count_nonzero(bad))
+        if count == 0:
+            return image, []
+        nan = int(np.count_nonzero(np.isnan(image)))
+        what = f"{count} of {image.size} values are not finite ({nan} NaN, {count - nan} Inf)"
+        if self.nonfinite == "zero":
+            problem = Problem(self.source(i), "image", f"{what}; replaced by 0 (nonfinite: zero)", "warning", index=i)
+            return np.where(bad, np.zeros((), image.dtype), image), [problem]
+        message = f"{what}; fix the file, or set nonfinite: zero to replace them by 0 before normalisation"
+        return image, [Problem(self.source(i), "image", message, index=i)]
+
     def raw(self, i: int) -> Sample:
-        """Sample ``i`` at full depth (no normalisation); raises :class:`DataError` on any error."""
+        """Sample ``i`` at full depth (no normalisation); raises :class:`DataError` on any error.
+
+        A warning found on the pixels (e.g. a mask that is mostly ``ignore_index``) is shown as a
+        ``UserWarning``, once per dataset (and DataLoader worker) and field.
+        """
         errors = errors_only(self.entry_problems(i))
         if not errors:
             sample, problems = self.load(i)
             errors = errors_only(problems)
+            for problem in problems:
+                if problem.severity == "warning" and problem.field not in self._warned:
+                    self._warned.add(problem.field)
+                    warnings.warn(f"{problem} (shown once; `umedpt data check` lists every file)", stacklevel=2)
         if errors:
             raise DataError(str(errors[0]), errors[0])
         return sample
@@ -411,7 +457,8 @@ class FileDataset(Dataset):
         report.problems += problems
         image = sample.image
         report.shape, report.dtype = tuple(image.shape), str(image.dtype)
-        report.value_range = (float(image.min()), float(image.max()))
+        values = image[np.isfinite(image)] if image.dtype.kind == "f" else image
+        report.value_range = (float(values.min()), float(values.max())) if values.size else None
         report.digest = pixel_digest(image)
         if sample.mask is not None:
             valid = sample.mask[(sample.mask >= 0) & (sample.mask < self.num_classes)]

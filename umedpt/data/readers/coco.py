@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import FileDataset, Item
+from umedpt.data.readers.base import FileDataset, Item, NonFinite
 from umedpt.data.readers.problems import Problem
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
@@ -50,7 +50,7 @@ class CocoDetectionDataset(FileDataset):
             the JSON's folder.
         class_names: category names in label order; None uses every category by increasing id.
         include_crowd: keep ``iscrowd`` annotations as ordinary boxes.
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -66,8 +66,9 @@ class CocoDetectionDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "detection", image_size, transform, normalize, channels, resize)
+        super().__init__(split, "detection", image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         if "{split}" not in annotations:
             raise ValueError(
                 f"CocoDetectionDataset: annotations {annotations!r} needs {{split}} in its path "

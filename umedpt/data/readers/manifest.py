@@ -7,7 +7,9 @@ unless the file name contains ``{split}``, a split column. Paths are relative to
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,9 @@ from typing import Literal
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import SPLITS, FileDataset, Item
+from umedpt.data.readers.base import SPLITS, FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
-from umedpt.data.readers.problems import Problem
+from umedpt.data.readers.problems import did_you_mean
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
 __all__ = ["ImageFolderDataset", "ManifestDataset", "Table", "read_table", "split_path"]
@@ -50,13 +52,11 @@ class Table:
         file: the manifest file the rows come from.
         columns: the header.
         rows: ``(line number, row)`` pairs; line 1 is the header.
-        notes: dataset-level problems (e.g. rows whose split value is unknown).
     """
 
     file: Path
     columns: list[str]
     rows: list[tuple[int, dict[str, str]]]
-    notes: list[Problem]
 
     def require(self, *columns: str) -> None:
         """Raise a ``ValueError`` naming the file when a column is missing."""
@@ -70,15 +70,33 @@ class Table:
         return str(path if path.is_absolute() else root / path)
 
 
+def read_text(file: Path) -> str:
+    """The text of a UTF-8 file (a leading byte order mark is dropped).
+
+    Raises a ``ValueError`` naming the file, the byte position and line of the first byte that is
+    not UTF-8 (spreadsheets often save CSV as Latin-1 or Windows-1252).
+    """
+    data = file.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        position = start + err.start
+        line = data.count(b"\n", 0, position) + 1
+        raise ValueError(
+            f"{file} is not UTF-8 text: byte 0x{data[position]:02x} at byte position {position} (line {line}) "
+            "cannot be decoded; save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)"
+        ) from err
+
+
 def _read_rows(file: Path, delimiter: str | None) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     if not file.is_file():
         raise FileNotFoundError(f"manifest {file} not found")
     sep = delimiter or ("\t" if file.suffix.lower() in (".tsv", ".tab") else ",")
-    with file.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_text(file), newline=""), delimiter=sep)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
     if not columns:
         raise ValueError(f"manifest {file} is empty (no header row)")
     return columns, rows
@@ -87,12 +105,16 @@ def _read_rows(file: Path, delimiter: str | None) -> tuple[list[str], list[tuple
 def read_table(
     manifest: str | Path, split: str, split_column: str = "split", delimiter: str | None = None
 ) -> Table:
-    """The rows of ``split``: the file named by ``{split}``, or the rows whose ``split_column`` says so."""
+    """The rows of ``split``: the file named by ``{split}``, or the rows whose ``split_column`` says so.
+
+    A row whose split value is none of :data:`SPLIT_ALIASES` (e.g. a typo such as ``trian``) is a
+    ``ValueError`` naming the file, the line, the value and the accepted names.
+    """
     text = str(manifest)
     if "{split}" in text:
         file = Path(text.format(split=split))
         columns, rows = _read_rows(file, delimiter)
-        return Table(file, columns, rows, [])
+        return Table(file, columns, rows)
     file = Path(text)
     columns, rows = _read_rows(file, delimiter)
     if split_column not in columns:
@@ -101,15 +123,19 @@ def read_table(
             "or put {split} in the manifest path (e.g. labels_{split}.csv)"
         )
     names = {alias: s for s, aliases in SPLIT_ALIASES.items() for alias in aliases}
-    unknown = sorted({row[split_column] for _, row in rows if row[split_column].lower() not in names})
-    notes = []
-    if unknown and split == "train":  # reported once per task, with the training split
-        notes.append(
-            Problem(str(file), split_column, f"rows with split values {unknown[:5]} belong to no split "
-                    f"(expected {sorted(names)}) and are not used", severity="warning")
-        )
-    chosen = [(n, row) for n, row in rows if names.get(row[split_column].lower()) == split]
-    return Table(file, columns, chosen, notes)
+    unknown = [(n, row[split_column]) for n, row in rows if row[split_column].lower() not in names]
+    if unknown:
+        raise ValueError(_unknown_splits(file, split_column, unknown, sorted(names)))
+    chosen = [(n, row) for n, row in rows if names[row[split_column].lower()] == split]
+    return Table(file, columns, chosen)
+
+
+def _unknown_splits(file: Path, column: str, unknown: list[tuple[int, str]], allowed: list[str]) -> str:
+    """The message for rows whose split value is not a split name: the first one, with a suggestion."""
+    line, value = unknown[0]
+    hint = did_you_mean(value, allowed)
+    more = f"; {len(unknown) - 1} more rows have unknown split values" if len(unknown) > 1 else ""
+    return (f"{file} line {line}: {column}: {value!r} is not a split{hint}; expected one of {allowed}{more}")
 
 
 def all_rows(manifest: str | Path, delimiter: str | None = None) -> list[dict[str, str]]:
@@ -134,13 +160,14 @@ class ManifestDataset(FileDataset):
         path_column: column of the image paths.
         label_column: label column, or the list of 0/1 columns of a multi-label task.
         split_column: column of the split (``train``/``val``/``test``; ``valid``, ``validation``,
-            ``training``, ``testing`` are accepted); unused when the path contains ``{split}``.
+            ``training``, ``testing`` are accepted, any other value is an error); unused when the
+            path contains ``{split}``.
         class_names: class names in label order; None infers them from all rows of all splits
             (integer labels: ``0 .. max``; names: sorted).
         num_classes: number of classes when labels are integer indices (to report out-of-range ones).
         separator: separator of class names in a single multi-label column.
         delimiter: CSV delimiter (default: tab for ``.tsv``, else comma).
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -162,10 +189,11 @@ class ManifestDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
         if kind not in ("classification", "multilabel"):
             raise ValueError(f"ManifestDataset: kind must be 'classification' or 'multilabel', got {kind!r}")
-        super().__init__(split, kind, image_size, transform, normalize, channels, resize)
+        super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         table = read_table(manifest, split, split_column, delimiter)
         columns = [label_column] if isinstance(label_column, str) else list(label_column)
         table.require(path_column, *columns)
@@ -174,7 +202,6 @@ class ManifestDataset(FileDataset):
         if class_names is None and num_classes is None:
             class_names = self._infer_names(all_rows(manifest, delimiter), columns, kind, separator)
         self.set_classes(num_classes, class_names)
-        self.notes = table.notes
         root_dir = Path(root) if root is not None else table.file.parent
         index = {name: i for i, name in enumerate(self.class_names)}
         self.items = []
@@ -236,7 +263,7 @@ class ImageFolderDataset(FileDataset):
         split: ``train``, ``val`` or ``test``.
         class_names: class folder names in label order; None uses the sorted class folders
             of all splits.
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -250,8 +277,9 @@ class ImageFolderDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "classification", image_size, transform, normalize, channels, resize)
+        super().__init__(split, "classification", image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         directory = split_path(root, split)
         if not directory.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset: folder {directory} of the {split} split not found")

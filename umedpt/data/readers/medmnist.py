@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import SPLITS, FileDataset, Item
+from umedpt.data.readers.base import SPLITS, FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import ImageMeta
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
@@ -31,7 +31,7 @@ class MedMNISTDataset(FileDataset):
         num_classes: number of classes; None infers it (classification: largest label in any
             split + 1; multilabel: the label columns).
         class_names: optional names, one per class.
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -47,6 +47,7 @@ class MedMNISTDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
         file = Path(path)
         if not file.is_file():
@@ -76,7 +77,7 @@ class MedMNISTDataset(FileDataset):
             kind = "multilabel" if labels.shape[1] > 1 else "classification"
         if kind == "classification" and labels.shape[1] != 1:
             raise ValueError(f"{file}: {split}_labels has {labels.shape[1]} columns; classification needs one")
-        super().__init__(split, kind, image_size, transform, normalize, channels, resize)
+        super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         self.path = file
         self.images = images
         if num_classes is None and class_names is None:

@@ -8,6 +8,8 @@ what to fix. Readers raise :class:`DataError` for the first error of a sample; t
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -62,3 +64,9 @@ class DataError(ValueError):
 def errors_only(problems: list[Problem]) -> list[Problem]:
     """The problems of severity ``error``."""
     return [p for p in problems if p.severity == "error"]
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'train'?)`` for the choice closest to a misspelt ``value``, else ``""``."""
+    close = difflib.get_close_matches(value.lower(), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

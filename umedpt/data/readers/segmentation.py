@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import FileDataset, Item
+from umedpt.data.readers.base import FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
 from umedpt.data.readers.manifest import image_files, read_table, split_path
 from umedpt.data.readers.problems import Problem
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
-__all__ = ["SegmentationDataset", "file_stem"]
+__all__ = ["IGNORED_WARNING", "SegmentationDataset", "file_stem"]
+
+#: a mask whose ``ignore_index`` pixels exceed this fraction is reported (a warning): most likely a
+#: 0/255 binary mask read without ``mask_values``, whose foreground would all be ignored
+IGNORED_WARNING = 0.5
 
 
 def file_stem(path: Path) -> str:
@@ -38,7 +42,9 @@ class SegmentationDataset(FileDataset):
     Masks hold class indices ``0 .. num_classes - 1`` (0 is usually background) and
     ``ignore_index`` for unlabelled pixels. Masks stored with other values (e.g. 0/255 binary
     masks) are translated by ``mask_values``. RGB masks whose three channels are equal are read
-    as single-channel.
+    as single-channel. Without ``mask_values``, a mask whose pixels are mostly (more than
+    :data:`IGNORED_WARNING`) ``ignore_index`` is reported as a warning (the default 255 is the
+    foreground of 0/255 masks).
 
     Args:
         images: folder of the images (with ``{split}`` or ``<split>`` subfolders); or None with ``manifest``.
@@ -54,7 +60,7 @@ class SegmentationDataset(FileDataset):
         mask_suffix: what mask file names add to the image's name (e.g. ``_mask``).
         mask_values: stored mask value -> class index (e.g. ``{0: 0, 255: 1}``); any other value is an error.
         ignore_index: mask value of unlabelled pixels (kept as is; the head ignores it).
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -78,8 +84,10 @@ class SegmentationDataset(FileDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "segmentation", image_size, transform, normalize, channels, resize, ignore_index)
+        super().__init__(split, "segmentation", image_size, transform, normalize, channels, resize, ignore_index,
+                         nonfinite)
         name = type(self).__name__
         self.set_classes(num_classes, class_names)
         if 0 <= ignore_index < self.num_classes:
@@ -96,7 +104,6 @@ class SegmentationDataset(FileDataset):
             table = read_table(manifest, split, split_column)
             table.require(image_column, mask_column)
             base = Path(root) if root is not None else table.file.parent
-            self.notes = table.notes
             self.items = [
                 Item(image=table.resolve(row[image_column], base), mask=table.resolve(row[mask_column], base),
                      where=f"{table.file.name} line {line}")
@@ -127,9 +134,11 @@ class SegmentationDataset(FileDataset):
         return items, notes
 
     def mask_classes(self, i: int, stored: np.ndarray) -> tuple[np.ndarray, list[Problem]]:
-        """Translate stored values with ``mask_values`` (when given)."""
+        """Translate stored values with ``mask_values`` (when given); without, report mostly ignored masks."""
         mask, problems = super().mask_classes(i, stored)
-        if self.mask_values is None or problems:
+        if self.mask_values is None:
+            return mask, problems + self._ignored_problems(i, mask)
+        if problems:
             return mask, problems
         keys = np.array(sorted(self.mask_values), dtype=np.int64)
         values = np.array([self.mask_values[k] for k in keys], dtype=np.int64)
@@ -141,3 +150,13 @@ class SegmentationDataset(FileDataset):
                 Problem(self.mask_source(i), "mask", f"values {unknown} are not in mask_values {self.mask_values}", index=i)
             )
         return np.where(known, values[pos], self.ignore_index), problems
+
+    def _ignored_problems(self, i: int, mask: np.ndarray) -> list[Problem]:
+        """A warning when ``ignore_index`` covers more than :data:`IGNORED_WARNING` of the mask."""
+        ignored = np.count_nonzero(mask == self.ignore_index) / max(mask.size, 1)
+        if ignored <= IGNORED_WARNING:
+            return []
+        value = self.ignore_index
+        message = (f"{ignored:.0%} of the pixels are ignore_index={value} and are not trained on; if {value} "
+                   f"marks a class (e.g. a 0/{value} binary mask), set mask_values (e.g. {{0: 0, {value}: 1}})")
+        return [Problem(self.mask_source(i), "mask", message, "warning", index=i)]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.readers.base import Item
+from umedpt.data.readers.base import Item, NonFinite
 from umedpt.data.readers.image_io import ImageMeta
 from umedpt.data.readers.problems import DataError, Problem
 from umedpt.data.readers.segmentation import SegmentationDataset
@@ -64,11 +64,22 @@ def volume_slice(image: Any, axis: int, index: int, canonical: bool = True, data
     return np.ascontiguousarray(plane)
 
 
+def _not_3d(shape: tuple[int, ...]) -> str:
+    """Why a volume of ``shape`` is skipped, and what to do."""
+    if len(shape) < 3:
+        return f"shape {shape} is not a 3D volume; read 2D NIfTI images with SegmentationDataset"
+    series = int(np.prod(shape[3:]))
+    return (f"shape {shape} is a 4D series of {series} volumes (e.g. fMRI or DWI), not a 3D volume; it is skipped: "
+            "save the volumes to slice (e.g. one time point or the mean) as 3D files")
+
+
 class NiftiSliceDataset(SegmentationDataset):
     """Every slice of 3D NIfTI image volumes with their label volumes, as 2D segmentation samples.
 
     Volumes and label volumes are paired like :class:`SegmentationDataset` pairs images and masks
     (folders or a manifest). Each volume contributes one sample per slice along ``axis``.
+    Missing files and volumes that are not 3D (4D fMRI or DWI series) are skipped and listed in
+    :attr:`notes` (the data checker reports them; a split left empty names them).
     Values keep their stored depth (int16 CT stays exact; ``scl_slope``/``scl_inter`` are
     applied) until normalisation; for CT in Hounsfield units use a window, e.g. ``normalize: soft_tissue``.
 
@@ -80,7 +91,7 @@ class NiftiSliceDataset(SegmentationDataset):
         canonical: index the axes of the closest RAS orientation instead of the stored array axes.
         cache_volumes: how many opened volumes stay in memory per worker (compressed ``.nii.gz``
             volumes are decompressed whole; uncompressed ``.nii`` slices are read directly from disk).
-        image_size, transform, normalize, channels, resize: see
+        image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
     """
 
@@ -107,10 +118,12 @@ class NiftiSliceDataset(SegmentationDataset):
         normalize: NormalizationSpec = "auto",
         channels: int = 3,
         resize: ResizeMode = "stretch",
+        nonfinite: NonFinite = "error",
     ) -> None:
         super().__init__(
             images, masks, split, num_classes, class_names, manifest, image_column, mask_column, split_column,
             root, mask_suffix, mask_values, ignore_index, image_size, transform, normalize, channels, resize,
+            nonfinite,
         )
         if axis not in (0, 1, 2):
             raise ValueError(f"NiftiSliceDataset: axis must be 0, 1 or 2, got {axis}")
@@ -128,8 +141,9 @@ class NiftiSliceDataset(SegmentationDataset):
             self.notes.append(Problem(volume.image, "file", "file not found"))
             return 0
         image, _ = self._open(volume.image, load=False)
-        if len(image.shape) < 3 or any(s != 1 for s in image.shape[3:]):
-            self.notes.append(Problem(volume.image, "image", f"shape {image.shape} is not a 3D volume"))
+        shape = tuple(int(s) for s in image.shape)
+        if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+            self.notes.append(Problem(volume.image, "image", _not_3d(shape)))
             return 0
         count = slice_count(image, self.axis, self.canonical)
         if volume.mask is not None and Path(volume.mask).is_file():
@@ -164,10 +178,19 @@ class NiftiSliceDataset(SegmentationDataset):
         return f"{self.items[i].mask or self.items[i].image} [slice {self.slices[i]}]"
 
     def _read_slice(self, path: str, i: int, fld: str) -> np.ndarray:
-        image, data = self._open(path)
-        if self.slices[i] >= slice_count(image, self.axis, self.canonical):
-            raise DataError.of(f"{path} [slice {self.slices[i]}]", fld, "the volume has no such slice", index=i)
-        return volume_slice(image, self.axis, self.slices[i], self.canonical, data)
+        where = f"{path} [slice {self.slices[i]}]"
+        try:  # the header was read when the volume was listed; the voxels are read now
+            image, data = self._open(path)
+            if self.slices[i] >= slice_count(image, self.axis, self.canonical):
+                raise DataError.of(where, fld, "the volume has no such slice", index=i)
+            return volume_slice(image, self.axis, self.slices[i], self.canonical, data)
+        except DataError:
+            raise
+        except Exception as err:  # gzip, zlib, numpy and nibabel each raise their own types
+            raise DataError.of(
+                where, fld, f"cannot read the voxels ({type(err).__name__}: {err}); the file may be truncated or "
+                "corrupt", index=i,
+            ) from err
 
     def read(self, i: int) -> tuple[np.ndarray, ImageMeta]:
         """Slice ``i`` of its image volume, at full depth."""
