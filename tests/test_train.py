@@ -452,3 +452,27 @@ def test_fit_writes_learning_curves_and_logs_smoothed_task_losses(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     logged = cli.trainer.callback_metrics
     assert "train/lr" in logged and all(f"train/{n}/loss_smooth" in logged for n in names)
+
+
+def test_resumable_loader_continues_its_pass_from_its_state():
+    """The state of a ResumableDataLoader part-way through a pass (what a checkpoint stores) makes a
+    fresh loader serve exactly the rest of that pass, then the next passes as the original did."""
+    from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader
+
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(list(range(20)), batch_size=4, sampler=EpochShuffleSampler(20, seed=3))
+
+    original = loader()
+    original.sampler.set_epoch(2)
+    served = iter(original)
+    first = [next(served).tolist() for _ in range(3)]
+    state = original.state_dict()
+    assert state == {"epoch": 2, "pass": 0, "batches": 3}
+    rest = [b.tolist() for b in served] + [b.tolist() for b in original]  # the pass, then the next
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # as Lightning does before the resumed epoch's first batch
+    again = [b.tolist() for b in resumed] + [b.tolist() for b in resumed]
+    assert again == rest
+    assert sorted(sum(first + rest[:2], [])) == list(range(20))  # one pass: every sample once

@@ -42,10 +42,10 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from umedpt.data.datamodule import MultiTaskDataModule
-from umedpt.data.loading import EpochShuffleSampler, collate_cases
+from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, collate_cases
 from umedpt.data.readers import read_image
 from umedpt.data.readers.problems import did_you_mean
 from umedpt.device import batch_to_device
@@ -689,7 +689,8 @@ class ImageCentricDataModule(MultiTaskDataModule):
     def train_dataloader(self) -> Any:
         if self.sampling == "task":
             return super().train_dataloader()
-        return DataLoader(
+        # resumable mid-epoch, worker seeds from the loader's own stream (as the per-task loaders)
+        return ResumableDataLoader(
             self.image_dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(self.image_dataset), seed=self.seed),
@@ -697,6 +698,7 @@ class ImageCentricDataModule(MultiTaskDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_image_centric,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
 
