@@ -10,12 +10,13 @@
 =======================  ===================================================================
 
 Every reader reads images with :func:`read_image`, so any of them accepts PNG/TIFF/JPEG/BMP,
-NPY, DICOM (modality LUT applied) and 2D NIfTI files at full depth.
+NPY, DICOM (modality LUT applied, palette colour as RGB) and 2D NIfTI files at full depth; the
+file readers make one sample per frame of a multi-frame DICOM file (:func:`frame_count`).
 """
 
 from umedpt.data.readers.base import FileDataset, Item, ItemReport, Sample
 from umedpt.data.readers.coco import CocoDetectionDataset
-from umedpt.data.readers.image_io import IMAGE_SUFFIXES, ImageMeta, load_image, read_image
+from umedpt.data.readers.image_io import IMAGE_SUFFIXES, ImageMeta, frame_count, load_image, read_image
 from umedpt.data.readers.manifest import ImageFolderDataset, ManifestDataset
 from umedpt.data.readers.medmnist import MedMNISTDataset
 from umedpt.data.readers.problems import DataError, Problem
@@ -37,6 +38,7 @@ __all__ = [
     "Problem",
     "Sample",
     "SegmentationDataset",
+    "frame_count",
     "load_image",
     "read_image",
 ]

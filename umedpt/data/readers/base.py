@@ -1,7 +1,8 @@
 """The common machinery of every file reader: items, validation, normalisation, transforms.
 
-A reader only lists its samples as :class:`Item` objects (file paths plus the declared targets)
-and, when its pixels do not come from one file per sample, overrides :meth:`FileDataset.read`
+A reader only lists its samples as :class:`Item` objects (file paths plus the declared targets),
+calls :meth:`FileDataset.expand_frames` (one sample per frame of multi-frame DICOM files) and,
+when its pixels do not come from one file per sample, overrides :meth:`FileDataset.read`
 and :meth:`FileDataset.read_mask`. Everything else is shared:
 
 * :meth:`FileDataset.entry_problems`: checks that need no decoding (files exist, labels in
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from umedpt.data.normalize import Normalization, NormalizationSpec
-from umedpt.data.readers.image_io import ImageMeta, load_image, read_image
+from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, read_image
 from umedpt.data.readers.problems import DataError, Problem, errors_only
 from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
 
@@ -64,6 +65,8 @@ class Item:
         box_ids: detection: a name per box for messages (e.g. ``annotation 17``); default ``box <k>``.
         size: (H, W) declared by the annotations, when they declare one.
         where: where the annotation lives (e.g. ``labels.csv row 7``), when not in the image file.
+        frame: the frame (0-based) of a multi-frame DICOM ``image`` (and ``mask``) this sample is;
+            None for a file holding one image.
         on_disk: ``image`` and ``mask`` are files whose existence can be checked.
         invalid: ``(field, message)`` of declarations that could not be parsed (e.g. an unknown class name).
     """
@@ -76,6 +79,7 @@ class Item:
     box_ids: list[str] | None = None
     size: tuple[int, int] | None = None
     where: str | None = None
+    frame: int | None = None
     on_disk: bool = True
     invalid: list[tuple[str, str]] = field(default_factory=list)
 
@@ -207,25 +211,60 @@ class FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def expand_frames(self) -> None:
+        """Replace each item whose image is a multi-frame DICOM file by one item per frame.
+
+        Frame ``k`` keeps the item's label and mask file, with :attr:`Item.frame` ``= k`` and
+        ``frame k`` added to :attr:`Item.where`. Only the files' headers are read (see
+        :func:`~umedpt.data.readers.image_io.frame_count`); missing files stay one item.
+        """
+        items = []
+        for item in self.items:
+            frames = frame_count(item.image) if item.on_disk and item.frame is None else 1
+            if frames == 1:
+                items.append(item)
+                continue
+            for k in range(frames):
+                where = f"{item.where} frame {k}" if item.where else f"{item.image} [frame {k}]"
+                items.append(replace(item, frame=k, where=where, invalid=list(item.invalid)))
+        self.items = items
+
     # ---------------------------------------------------------------- reading
     def source(self, i: int) -> str:
-        """The image of sample ``i`` (file path or array element)."""
-        return self.items[i].image
+        """The image of sample ``i`` (file path or array element; ``file.dcm [frame k]`` for a frame)."""
+        item = self.items[i]
+        return item.image if item.frame is None else f"{item.image} [frame {item.frame}]"
 
     def mask_source(self, i: int) -> str:
         """The mask of sample ``i`` (its file, or the image when the sample has none)."""
-        return self.items[i].mask or self.source(i)
+        item = self.items[i]
+        if item.mask is None:
+            return self.source(i)
+        return item.mask if item.frame is None else f"{item.mask} [frame {item.frame}]"
 
     def read(self, i: int) -> tuple[np.ndarray, ImageMeta]:
         """The stored image of sample ``i`` at full depth and its display metadata."""
-        return load_image(self.items[i].image)
+        item = self.items[i]
+        return load_image(item.image, item.frame)
 
     def read_mask(self, i: int) -> np.ndarray:
-        """The stored mask of sample ``i`` (before any value mapping)."""
-        path = self.items[i].mask
-        if path is None:
+        """The stored mask of sample ``i`` (before any value mapping).
+
+        The mask of a frame of a multi-frame image is the same frame of a mask file with as many frames.
+        """
+        item = self.items[i]
+        if item.mask is None:
             raise DataError.of(self.source(i), "mask", "the sample has no mask file", index=i)
-        return read_image(path)
+        if item.frame is None:
+            return read_image(item.mask)
+        frames, image_frames = frame_count(item.mask), frame_count(item.image)
+        if frames != image_frames:
+            raise DataError.of(
+                self.mask_source(i), "mask", f"has {frames} frame(s) but the image {item.image} has {image_frames}: "
+                "the mask of a multi-frame image must be a multi-frame DICOM file with one frame per image frame",
+                index=i,
+            )
+        return read_image(item.mask, item.frame)
 
     def mask_classes(self, i: int, stored: np.ndarray) -> tuple[np.ndarray, list[Problem]]:
         """Class-index mask (int64) from the stored mask, and the problems of its values.

@@ -223,6 +223,7 @@ class ManifestDataset(FileDataset):
                     item.invalid.append((columns[0], f"unknown class names {unknown}; known: {self.class_names[:10]}"))
                 item.label = np.isin(self.class_names, names).astype(np.float32)
             self.items.append(item)
+        self.expand_frames()
 
     @staticmethod
     def _infer_names(
@@ -298,3 +299,4 @@ class ImageFolderDataset(FileDataset):
             if (directory / name).is_dir()
             for path in image_files(directory / name)
         ]
+        self.expand_frames()

@@ -113,6 +113,7 @@ class SegmentationDataset(FileDataset):
             self.items, self.notes = self._pair(split_path(images, split), split_path(masks, split), mask_suffix)
         else:
             raise ValueError(f"{name}: give a manifest, or both images and masks folders")
+        self.expand_frames()
 
     @staticmethod
     def _pair(image_dir: Path, mask_dir: Path, suffix: str) -> tuple[list[Item], list[Problem]]:
