@@ -172,3 +172,39 @@ def test_collate_builds_one_dataset_batches(generated):
     mixed = InstructionDataset(splits["test"], image_size=32)
     with pytest.raises(ValueError, match="one dataset"):
         collate_instructions(mixed[[0, len(mixed) - 1]])
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Returns the batch of indices it is asked for (as InstructionDataset is, with whole batches)."""
+
+    def __getitem__(self, indices: list[int]) -> list[int]:
+        return list(indices)
+
+
+def test_batch_sampler_resumed_part_way_serves_the_rest_of_its_epoch():
+    """A resumable loader over the MLLM batch sampler continues an epoch from a checkpoint's state."""
+    from umedpt.data.loading import ResumableDataLoader
+
+    names = ["a"] * 7 + ["b"] * 5
+
+    def loader() -> ResumableDataLoader:
+        sampler = DatasetBatchSampler(names, 2, shuffle=True, num_batches=6, seed=4)
+        return ResumableDataLoader(_Batches(), batch_size=None, sampler=sampler, collate_fn=list)
+
+    original = loader()
+    original.sampler.set_epoch(3)
+    served = iter(original)
+    [next(served) for _ in range(2)]
+    state = original.state_dict()
+    assert state == {"epoch": 3, "pass": 0, "batches": 2}
+    rest = list(served)
+    original.sampler.set_epoch(4)
+    rest += list(original)
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(3)
+    again = list(resumed)
+    resumed.sampler.set_epoch(4)
+    again += list(resumed)
+    assert again == rest and len(rest) == 4 + 6

@@ -85,7 +85,11 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over an :class:`EpochShuffleSampler` that can continue an epoch part-way.
+    """A DataLoader that can continue an epoch part-way.
+
+    Its sampler gives the position: :class:`EpochShuffleSampler` (indices) or any sampler with
+    ``epoch``, ``current_pass`` and ``resume_at(epoch, pass, skip)`` (e.g. the MLLM stage's
+    sampler of whole batches, used with ``batch_size=None``).
 
     It counts the batches it has served in the current pass; Lightning stores
     :meth:`state_dict` in every checkpoint and hands it back through :meth:`load_state_dict`
@@ -105,13 +109,14 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         sampler = self.sampler
-        if not isinstance(sampler, EpochShuffleSampler):
+        if not callable(getattr(sampler, "resume_at", None)):
             return {}
         return {"epoch": sampler.epoch, "pass": sampler.current_pass, "batches": self.served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler = self.sampler
-        if isinstance(sampler, EpochShuffleSampler) and state and state["pass"] >= 0:
+        if callable(getattr(sampler, "resume_at", None)) and state and state["pass"] >= 0:
+            # a sampler of indices skips batches x batch size; one of whole batches (batch_size None) batches
             sampler.resume_at(state["epoch"], state["pass"], state["batches"] * int(self.batch_size or 1))
             self._resume_served = state["batches"]
 

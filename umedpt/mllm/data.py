@@ -195,11 +195,33 @@ class DatasetBatchSampler(Sampler[list[int]]):
             raise ValueError(f"DatasetBatchSampler: ratios must be >= 0 with a positive sum, got {ratios}")
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.num_batches = num_batches or math.ceil(len(datasets) / batch_size)
+        self._started = False  # whether this epoch's batches are being served
+        self._skip = 0  # batches to leave out of the next iteration (an epoch resumed part-way)
+        self._resumed_epoch: int | None = None
+
+    @property
+    def current_pass(self) -> int:
+        """0 once this epoch's batches are being served, -1 before (one pass per epoch)."""
+        return 0 if self._started else -1
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == epoch:  # positioned by resume_at already
+            return
+        self.epoch, self._started, self._skip = epoch, False, 0
+
+    def resume_at(self, epoch: int, pass_index: int, skip: int) -> None:
+        """Make the next iteration serve ``epoch`` without its first ``skip`` batches."""
+        self.epoch, self._skip, self._resumed_epoch = epoch, skip, epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        self._started = True
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(self._batches()):
+            if i >= skip:
+                yield batch
+
+    def _batches(self) -> Iterator[list[int]]:
         if not self.shuffle:
             for indices in self.groups.values():
                 for start in range(0, len(indices), self.batch_size):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from umedpt.data.loading import ResumableDataLoader
 from umedpt.mllm.data import DatasetBatchSampler, InstructionDataset, collate_instructions, read_records
 from umedpt.mllm.synthetic import generate_instructions
 
@@ -138,13 +140,15 @@ class InstructionDataModule(LightningDataModule):
             seed=self.hparams.seed,
         )
         workers = self.hparams.num_workers
-        return DataLoader(
+        # training: resumable mid-epoch, worker seeds from the loader's own stream
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=None,  # the sampler yields whole batches
             sampler=sampler,
             collate_fn=collate_instructions,
             num_workers=workers,
             persistent_workers=train and workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -22,6 +22,7 @@ from umedpt.mllm.prompts import IMAGE_PLACEHOLDER, IMAGE_TASKS, build_prompt
 from umedpt.mllm.resampler import ResampleMethod, Resampler
 from umedpt.mllm.synthetic import synthetic_vocabulary
 from umedpt.module import warmup_cosine
+from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 
 #: the tiny Swin of ``configs/quick.yaml`` (random weights): the demo encoder when none is given
 DEMO_ENCODER: dict[str, Any] = {
@@ -367,10 +368,12 @@ class MLLMModule(LightningModule):
         return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave out the frozen encoder and LLM weights that come from a local path."""
+        """Leave out the frozen encoder and LLM weights that come from a local path; keep the
+        random streams (dropout, instruction sampling), so that a resumed run continues them."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if self._reloaded_from_source(k)]:
             del state[key]
+        checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fill in the weights left out by :meth:`on_save_checkpoint` from the freshly loaded sources."""
@@ -378,6 +381,8 @@ class MLLMModule(LightningModule):
         for key, value in self.state_dict().items():
             if key not in state and self._reloaded_from_source(key):
                 state[key] = value
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY])
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
