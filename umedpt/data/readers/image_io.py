@@ -14,6 +14,7 @@ Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) are decoded by the 
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DEFER_SIZE = "256 KB"
 #: what to install when pydicom lacks the decoder of a compressed transfer syntax
 DICOM_EXTRA = "pip install 'umedpt[dicom]'"
+#: TIFF tag of how colour samples are stored: 1 interleaved (RGBRGB...), 2 in separate planes (RR..GG..BB..)
+_PLANAR_CONFIGURATION = 284
 
 
 def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
@@ -139,11 +142,45 @@ def _read_raster(path: Path) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as err:
             raise DataError.of(str(path), "image", f"cannot decode as an image ({err})") from err
         return image
-    if image.ndim == 3 and image.shape[-1] == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if image.ndim == 3 and image.shape[-1] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    if image.ndim == 3 and image.dtype.itemsize > 1 and _tiff_planar_configuration(data) == 2:
+        raise DataError.of(
+            str(path), "image", f"{image.dtype} colour samples stored in separate planes (TIFF PlanarConfiguration 2) "
+            "are not decoded correctly by OpenCV; save the image with interleaved channels (e.g. "
+            "tifffile.imwrite(path, rgb, planarconfig='contig')) or as .npy"
+        )
+    if image.ndim == 3 and image.shape[-1] in (3, 4):  # BGR(A) to RGB(A) for every pixel type (cvtColor has no float64)
+        return np.ascontiguousarray(image[..., [2, 1, 0, 3][: image.shape[-1]]])
     return image
+
+
+def _tiff_planar_configuration(data: np.ndarray) -> int:
+    """PlanarConfiguration of the first image of a TIFF file's bytes: 2 for separate colour planes, else 1.
+
+    1 (interleaved, the default) also for files that are not TIFF or whose first directory cannot be read.
+    """
+    raw = data.tobytes()
+    order = {b"II": "<", b"MM": ">"}.get(raw[:2])
+    if order is None:
+        return 1
+    try:
+        version = struct.unpack_from(f"{order}H", raw, 2)[0]
+        if version == 42:  # classic TIFF: 2-byte entry count, 12-byte entries, value at byte 8
+            (offset,) = struct.unpack_from(f"{order}I", raw, 4)
+            (count,) = struct.unpack_from(f"{order}H", raw, offset)
+            start, size, value = offset + 2, 12, 8
+        elif version == 43:  # BigTIFF: 8-byte entry count, 20-byte entries, value at byte 12
+            (offset,) = struct.unpack_from(f"{order}Q", raw, 8)
+            (count,) = struct.unpack_from(f"{order}Q", raw, offset)
+            start, size, value = offset + 8, 20, 12
+        else:
+            return 1
+        for k in range(count):
+            (tag,) = struct.unpack_from(f"{order}H", raw, start + k * size)
+            if tag == _PLANAR_CONFIGURATION:
+                return int(struct.unpack_from(f"{order}H", raw, start + k * size + value)[0])
+    except struct.error:
+        return 1
+    return 1
 
 
 def _frames(ds: Any) -> int:
