@@ -471,7 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         result["seeds"] = sorted({run["seed"] for run in result["runs"]})
         result["modes"] = [m for m in MODES if any(m in part["modes"] for part in parts)]
         result["merged_from"] = [str(path) for path in args.merge]
-        report(result, args.out_dir, name, command)
+        # the commands that produced the parts, then this merge
+        parts_commands = [part["command"] for part in parts if part.get("command")]
+        result["command"] = " && ".join([*parts_commands, command])
+        report(result, args.out_dir, name, result["command"])
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -524,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "learning",
+        "command": command,
         "recipe": args.recipe,
         "overrides": args.sets,
         "steps": steps,
