@@ -1,0 +1,109 @@
+"""Mathematical properties of the multi-task diagnostics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from umedpt.diagnostics import (
+    dominant_ratio,
+    fisher_spectrum,
+    interference,
+    spectral_entropy,
+    statistics_score,
+)
+
+
+def gradients(n: int, p: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randn(n, p, generator=g, dtype=torch.float64))
+
+
+def test_identical_tasks_interfere_fully():
+    same = gradients(5, 40, 0)
+    out = interference({"a": same, "b": same, "c": same})
+    assert out["tasks"] == ["a", "b", "c"]
+    assert torch.allclose(out["gd"], torch.ones(3, 3, dtype=torch.float64))
+    assert torch.allclose(out["gm"], torch.ones(3, 3, dtype=torch.float64))
+    assert torch.allclose(out["tug_of_war"], torch.full((3,), 3.0, dtype=torch.float64))
+
+
+def test_orthogonal_tasks_do_not_interfere():
+    # task a lives on the first 10 coordinates, task b on the last 10
+    a = [torch.cat([g, torch.zeros(10, dtype=torch.float64)]) for g in gradients(4, 10, 1)]
+    b = [torch.cat([torch.zeros(10, dtype=torch.float64), g]) for g in gradients(7, 10, 2)]
+    out = interference({"a": a, "b": b})
+    assert out["gd"][0, 1] == 0 and out["gd"][1, 0] == 0
+    assert torch.allclose(out["gd"].diagonal(), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(out["tug_of_war"], out["gm"].diagonal())  # only the diagonal counts
+
+
+def test_interference_matches_its_definition_with_unequal_batch_counts():
+    grads = {"a": gradients(3, 12, 3), "b": gradients(5, 12, 4), "c": gradients(2, 12, 5)}
+    out = interference(grads)
+    names = list(grads)
+
+    def delta(j: str, i: str, a: int) -> float:
+        return sum(float(gb / gb.norm() @ grads[i][a]) for gb in grads[j]) / len(grads[j])
+
+    for x, i in enumerate(names):
+        own = sum(delta(i, i, a) for a in range(len(grads[i]))) / len(grads[i])
+        for y, j in enumerate(names):
+            cross = sum(delta(j, i, a) for a in range(len(grads[i]))) / len(grads[i])
+            assert float(out["gd"][x, y]) == pytest.approx(cross / own, rel=1e-10)
+            mi = sum(float(g.norm()) for g in grads[i]) / len(grads[i])
+            mj = sum(float(g.norm()) for g in grads[j]) / len(grads[j])
+            assert float(out["gm"][x, y]) == pytest.approx(2 * mi * mj / (mi**2 + mj**2), rel=1e-10)
+    assert torch.allclose(out["tug_of_war"], (out["gd"] * out["gm"]).sum(1))
+
+
+def test_magnitude_similarity_falls_with_the_ratio_of_norms():
+    base = gradients(3, 20, 6)
+    out = interference({"small": base, "large": [10 * g for g in base]})
+    assert float(out["gm"][0, 1]) == pytest.approx(2 * 10 / (1 + 100))
+    assert torch.allclose(out["gd"], torch.ones(2, 2, dtype=torch.float64))  # same directions
+
+
+def test_interference_names_the_bad_task():
+    with pytest.raises(ValueError, match="task 'b': gradients of length 5, the first task's have length 4"):
+        interference({"a": [torch.ones(4)], "b": [torch.ones(5)]})
+    with pytest.raises(ValueError, match="task 'z': a gradient is zero"):
+        interference({"a": [torch.ones(4)], "z": [torch.zeros(4)]})
+    with pytest.raises(ValueError, match="task 'n': gradients contain NaN"):
+        interference({"n": [torch.tensor([1.0, math.nan])]})
+    with pytest.raises(ValueError, match="task 'e': no gradients"):
+        interference({"e": []})
+
+
+def test_statistics_score_of_agreeing_opposite_and_idle_parameters():
+    g = torch.tensor([1.0, 2.0, -3.0, 0.0])
+    h = torch.tensor([2.0, -2.0, -1.0, 0.0])
+    score = statistics_score({"a": g, "b": h})
+    assert score[0] == 1.0 and score[2] == 1.0  # same sign
+    assert score[1] == 0.0  # opposite, equal size: they cancel
+    assert math.isnan(score[3])  # no task moves it
+    assert statistics_score({"a": g, "b": -g})[:3].eq(0).all()
+
+
+@pytest.mark.parametrize(("n", "p"), [(6, 40), (50, 8), (7, 7)])
+def test_fisher_spectrum_equals_a_dense_eigendecomposition(n, p):
+    g = torch.stack(gradients(n, p, 7 + n))
+    dense = torch.linalg.eigvalsh(g.T @ g / n).flip(0)[: min(n, p)].clamp_min(0)
+    eigs = fisher_spectrum(g)
+    assert eigs.shape == (min(n, p),)
+    assert torch.allclose(eigs, dense, atol=1e-10)
+    assert bool((eigs[:-1] >= eigs[1:]).all())
+
+
+def test_uniform_spectrum_entropy_and_ratio():
+    for k in (1, 4, 9):
+        eigs = torch.full((k,), 2.5)
+        assert spectral_entropy(eigs) == pytest.approx(math.log(k))
+        assert dominant_ratio(eigs) == pytest.approx(1 / k)
+    # one direction carries everything: entropy 0, ratio 1 (0 log 0 = 0)
+    assert spectral_entropy(torch.tensor([3.0, 0.0, 0.0])) == 0.0
+    assert dominant_ratio(torch.tensor([3.0, 0.0, 0.0])) == 1.0
+    with pytest.raises(ValueError, match="all zero"):
+        spectral_entropy(torch.zeros(3))

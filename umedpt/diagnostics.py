@@ -1,0 +1,151 @@
+"""Multi-task diagnostics on plain tensors: gradient interference between tasks and the Fisher spectrum.
+
+A "gradient" here is the flattened gradient (1-D tensor of length P) of the same chosen
+parameters for every task and batch, e.g. of the shared encoder. All results are computed in
+float64 on the gradients' device.
+
+- :func:`interference`: the tug-of-war between tasks from their gradients (Uni-Med, section
+  3.1.1): gradient-direction interference ``GD``, gradient-magnitude similarity ``GM`` and a
+  tug-of-war index per task.
+- :func:`statistics_score`: per parameter, how much the tasks' gradients agree in sign
+  (1: all push the same way, 0: they cancel).
+- :func:`fisher_spectrum`, :func:`spectral_entropy`, :func:`dominant_ratio`: the eigenvalues of
+  the empirical Fisher information of a set of gradients and two summaries of their shape
+  (IMAX relates lower entropy / a higher dominant ratio to multi-task gains).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["dominant_ratio", "fisher_spectrum", "interference", "spectral_entropy", "statistics_score"]
+
+
+def _stack(name: str, grads: Sequence[Tensor] | Tensor, length: int | None) -> Tensor:
+    """(n, P) float64 matrix of a task's gradients, checked for shape and finiteness."""
+    rows = [grads] if isinstance(grads, Tensor) and grads.dim() == 1 else list(grads)
+    if not rows:
+        raise ValueError(f"task {name!r}: no gradients (expected at least one 1-D tensor)")
+    matrix = torch.stack([torch.as_tensor(g).reshape(-1).to(torch.float64) for g in rows])
+    if length is not None and matrix.shape[1] != length:
+        raise ValueError(
+            f"task {name!r}: gradients of length {matrix.shape[1]}, the first task's have length {length}"
+        )
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"task {name!r}: gradients contain NaN or Inf")
+    return matrix
+
+
+def interference(task_grads: Mapping[str, Sequence[Tensor]]) -> dict[str, Any]:
+    """Gradient-direction interference, magnitude similarity and tug-of-war index between tasks.
+
+    ``task_grads[t]`` holds ``n_t >= 1`` gradients of task ``t``, one per sampled batch (``n_t``
+    may differ between tasks). With ``g_t^a`` the gradient of task ``t`` for batch ``a`` and
+    ``ĝ = g / ||g||``:
+
+    - ``delta[j -> i](a) = (1 / n_j) sum_b ĝ_j^b . g_i^a`` (``b`` over all batches of ``j``);
+    - ``GD[i, j] = mean_a delta[j -> i](a) / mean_a delta[i -> i](a)``: how far a step along task
+      ``j``'s gradient directions moves task ``i``, relative to a step along its own (1 on the
+      diagonal; 0 for orthogonal tasks; negative when ``j`` works against ``i``);
+    - ``m_t = mean_a ||g_t^a||`` and ``GM[i, j] = 2 m_i m_j / (m_i^2 + m_j^2)`` (1 for equal
+      magnitudes, towards 0 when one task's gradients dwarf the other's);
+    - ``tug_of_war[i] = sum_j GD[i, j] GM[i, j]``.
+
+    Returns:
+        ``{"tasks": [names in input order], "gd": (T, T), "gm": (T, T), "tug_of_war": (T,)}``
+        (float64 tensors).
+
+    Raises:
+        ValueError: no tasks, a task without gradients, gradients of different lengths, a zero
+            gradient (it has no direction) or non-finite values, naming the task.
+    """
+    if not task_grads:
+        raise ValueError("interference: no tasks given")
+    names = list(task_grads)
+    length = None
+    mats = []
+    for name in names:
+        matrix = _stack(name, task_grads[name], length)
+        length = matrix.shape[1]
+        norms = matrix.norm(dim=1)
+        if bool((norms == 0).any()):
+            raise ValueError(f"task {name!r}: a gradient is zero and has no direction")
+        mats.append((matrix, norms))
+    # mean unit direction and mean gradient of each task: delta averaged over a is U_j . mean_i
+    units = torch.stack([(m / n[:, None]).mean(0) for m, n in mats])  # (T, P)
+    means = torch.stack([m.mean(0) for m, _ in mats])  # (T, P)
+    cross = means @ units.T  # cross[i, j] = mean_a delta[j -> i](a)
+    own = cross.diagonal()
+    if bool((own == 0).any()):
+        bad = [names[i] for i in torch.nonzero(own == 0).flatten().tolist()]
+        raise ValueError(f"tasks {bad}: their mean gradient is orthogonal to their own directions")
+    gd = cross / own[:, None]
+    magnitude = torch.stack([n.mean() for _, n in mats])
+    gm = 2 * magnitude[:, None] * magnitude[None, :] / (magnitude[:, None] ** 2 + magnitude[None, :] ** 2)
+    return {"tasks": names, "gd": gd, "gm": gm, "tug_of_war": (gd * gm).sum(1)}
+
+
+def statistics_score(task_grads: Mapping[str, Tensor]) -> Tensor:
+    """Per parameter, ``|sum_t g_t| / sum_t |g_t|`` over one gradient per task (e.g. its mean).
+
+    1 where every task pushes the parameter the same way, 0 where their pushes cancel; NaN
+    where no task moves it (``sum_t |g_t| == 0``). Float64, length P.
+    """
+    if not task_grads:
+        raise ValueError("statistics_score: no tasks given")
+    length = None
+    rows = []
+    for name, grad in task_grads.items():
+        row = _stack(name, [grad], length)[0]
+        length = row.shape[0]
+        rows.append(row)
+    matrix = torch.stack(rows)
+    total = matrix.abs().sum(0)
+    score = matrix.sum(0).abs() / total
+    return torch.where(total == 0, torch.full_like(score, math.nan), score)
+
+
+def fisher_spectrum(grads: Tensor) -> Tensor:
+    """Eigenvalues of the empirical Fisher ``F = (1/N) sum_n g_n g_n^T`` of ``grads`` (N, P).
+
+    Descending, length ``min(N, P)``, clamped at 0. With N < P they come from the N x N Gram
+    matrix ``G G^T / N``, which has the same non-zero eigenvalues as ``F`` at a fraction of the
+    cost (P may be millions); with N >= P from ``G^T G / N`` itself.
+    """
+    g = torch.as_tensor(grads)
+    if g.dim() != 2 or g.shape[0] < 1 or g.shape[1] < 1:
+        raise ValueError(f"fisher_spectrum: grads must be (N, P) with N, P >= 1, got shape {tuple(g.shape)}")
+    g = g.to(torch.float64)
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("fisher_spectrum: grads contain NaN or Inf")
+    n, p = g.shape
+    gram = g @ g.T / n if n < p else g.T @ g / n
+    eigs = torch.linalg.eigvalsh(gram)  # ascending, symmetric matrix
+    return eigs.flip(0).clamp_min(0.0)
+
+
+def _distribution(eigs: Tensor) -> Tensor:
+    values = torch.as_tensor(eigs, dtype=torch.float64).reshape(-1)
+    if values.numel() == 0 or bool((values < 0).any()) or not bool(torch.isfinite(values).all()):
+        raise ValueError("eigenvalues must be a non-empty set of finite values >= 0")
+    total = values.sum()
+    if total == 0:
+        raise ValueError("eigenvalues are all zero: the spectrum has no shape")
+    return values / total
+
+
+def spectral_entropy(eigs: Tensor) -> float:
+    """``-sum_k p_k log p_k`` with ``p_k = lambda_k / sum lambda`` (``0 log 0 = 0``); log k for k equal values."""
+    p = _distribution(eigs)
+    nonzero = p[p > 0]
+    return float(-(nonzero * nonzero.log()).sum())
+
+
+def dominant_ratio(eigs: Tensor) -> float:
+    """``lambda_max / sum lambda``: the share of the largest eigenvalue (1/k for k equal values)."""
+    return float(_distribution(eigs).max())
