@@ -107,3 +107,28 @@ def test_uniform_spectrum_entropy_and_ratio():
     assert dominant_ratio(torch.tensor([3.0, 0.0, 0.0])) == 1.0
     with pytest.raises(ValueError, match="all zero"):
         spectral_entropy(torch.zeros(3))
+
+
+def test_task_gradients_of_a_multitask_module_equal_autograd_per_batch():
+    """The gradients collected for interference are those of each task's scaled loss on the
+    shared encoder, batch by batch; .grad stays untouched."""
+    from tests.conftest import TINY_ENCODER, mixed_tasks, random_batch
+    from umedpt import MultiTaskModule, SwinEncoder
+    from umedpt.diagnostics import task_gradients
+
+    torch.manual_seed(0)
+    tasks = mixed_tasks()[:2]
+    model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**TINY_ENCODER), export_encoder=False)
+    batches = {t.name: [random_batch(t, seed=s) for s in range(3)] for t in tasks}
+    grads = task_gradients(model.task_loss, batches, model.encoder.parameters(), num_batches=2)
+    assert set(grads) == {t.name for t in tasks} and all(len(rows) == 2 for rows in grads.values())
+    assert all(p.grad is None for p in model.parameters())
+    params = list(model.encoder.parameters())
+    for t in tasks:
+        for k in range(2):
+            model.zero_grad(set_to_none=True)
+            model.task_loss(t.name, batches[t.name][k]).backward()
+            expected = torch.cat([p.grad.reshape(-1) for p in params])
+            assert torch.allclose(grads[t.name][k], expected, atol=1e-6)
+    out = interference(grads)
+    assert out["gd"].shape == (2, 2) and torch.isfinite(out["gd"]).all()

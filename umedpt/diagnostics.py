@@ -9,6 +9,8 @@ float64 on the gradients' device.
   tug-of-war index per task.
 - :func:`statistics_score`: per parameter, how much the tasks' gradients agree in sign
   (1: all push the same way, 0: they cancel).
+- :func:`task_gradients`: collects those gradients from any per-task loss, one batch at a time
+  (no graph is kept and no ``.grad`` is touched).
 - :func:`fisher_spectrum`, :func:`spectral_entropy`, :func:`dominant_ratio`: the eigenvalues of
   the empirical Fisher information of a set of gradients and two summaries of their shape
   (IMAX relates lower entropy / a higher dominant ratio to multi-task gains).
@@ -17,13 +19,55 @@ float64 on the gradients' device.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["dominant_ratio", "fisher_spectrum", "interference", "spectral_entropy", "statistics_score"]
+__all__ = [
+    "dominant_ratio",
+    "fisher_spectrum",
+    "interference",
+    "spectral_entropy",
+    "statistics_score",
+    "task_gradients",
+]
+
+
+def task_gradients(
+    loss: Callable[[str, Any], Tensor],
+    batches: Mapping[str, Iterable[Any]],
+    parameters: Iterable[Tensor],
+    num_batches: int = 8,
+    device: torch.device | str | None = "cpu",
+) -> dict[str, list[Tensor]]:
+    """The flattened gradient of ``loss(task, batch)`` w.r.t. ``parameters`` for the first
+    ``num_batches`` batches of every task: the input of :func:`interference`.
+
+    Each gradient is computed with :func:`torch.autograd.grad` and its graph freed before the
+    next batch, so memory stays that of one batch plus the gradients kept (``num_batches`` x P
+    per task, on ``device``; ``None`` keeps them where they are). Parameters a task's loss does
+    not reach contribute zeros. For a :class:`~umedpt.MultiTaskModule`: ``loss=model.task_loss``,
+    ``parameters=model.encoder.parameters()`` and batches on the model's device.
+    """
+    if num_batches < 1:
+        raise ValueError(f"task_gradients: num_batches must be >= 1, got {num_batches}")
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise ValueError("task_gradients: no parameters that require gradients")
+    out: dict[str, list[Tensor]] = {}
+    for name, source in batches.items():
+        rows = []
+        for batch in islice(source, num_batches):
+            grads = torch.autograd.grad(loss(name, batch), params, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)])
+            rows.append(flat.detach().to(device) if device is not None else flat.detach())
+        if not rows:
+            raise ValueError(f"task {name!r}: its batches are empty")
+        out[name] = rows
+    return out
 
 
 def _stack(name: str, grads: Sequence[Tensor] | Tensor, length: int | None) -> Tensor:
