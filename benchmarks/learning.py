@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, ROOT, load_recipe, markdown_table, write_result  # noqa: E402
+from benchmarks.common import RESULTS, load_recipe, markdown_table, quiet_trainer, write_result  # noqa: E402
 from umedpt.curves import PRIMARY_METRIC, LearningCurves  # noqa: E402
 
 MODES: tuple[str, ...] = ("chance", "plain", "single", "multi", "recipe")
@@ -277,7 +277,7 @@ def train_umedpt(
     cfg: dict[str, Any], tasks: list[Any], steps: int, seed: int, tasks_per_step: int | None
 ) -> dict[str, Any]:
     """Fit a ``MultiTaskModule`` on ``tasks`` with Lightning for ``steps`` optimizer steps, then validate."""
-    from lightning import Trainer, seed_everything
+    from lightning import seed_everything
 
     from umedpt import MultiTaskModule, SwinEncoder
 
@@ -287,20 +287,7 @@ def train_umedpt(
     model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**encoder_args(cfg)), **model_cfg)
     dm = datamodule(cfg, tasks, seed, tasks_per_step)
     curves = _Curves()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[curves],
-        default_root_dir=str(ROOT / "runs" / "benchmarks"),
-    )
+    trainer = quiet_trainer(steps, callbacks=[curves])
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, markdown_table, write_result  # noqa: E402
-from learning import datamodule, encoder_args, recipe_config, task_specs  # noqa: E402
+from benchmarks.common import RESULTS, markdown_table, quiet_trainer, write_result  # noqa: E402
+from benchmarks.learning import datamodule, encoder_args, recipe_config, task_specs  # noqa: E402
 
 TASKS = ["radiograph_grade", "histology_dominant"]
 
@@ -47,7 +47,7 @@ def measure(model: Any, loaders: dict[str, list[Any]]) -> dict[str, Any]:
 
 
 def run(seed: int, steps: list[int], batches: int) -> dict[str, Any]:
-    from lightning import Callback, Trainer, seed_everything
+    from lightning import Callback, seed_everything
     from torch.utils.data import DataLoader
 
     from umedpt import MultiTaskModule, SwinEncoder
@@ -74,18 +74,7 @@ def run(seed: int, steps: list[int], batches: int) -> dict[str, Any]:
             if trainer.global_step in steps:
                 found[trainer.global_step] = measure(pl_module, fixed)
 
-    Trainer(
-        accelerator="cpu",
-        max_steps=max(steps),
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[Measure()],
-    ).fit(model, datamodule=dm)
+    quiet_trainer(max(steps), callbacks=[Measure()]).fit(model, datamodule=dm)
     return {str(step): found[step] for step in steps}
 
 
