@@ -155,8 +155,8 @@ class _CommandsCLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]
         # a checkpoint at each validation / epoch end (Lightning's default) and every N steps
         # (validate / test / predict add the same callbacks, so that a fit's checkpoint matches them)
-        fit = (self.config.get(self.subcommand) or {}) if self.subcommand else {}
-        every = int(fit.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY) or 0)
+        command = (self.config.get(self.subcommand) or {}) if self.subcommand else {}
+        every = int(command.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY) or 0)
         if config.get("enable_checkpointing") is not False and not any(
             isinstance(c, ModelCheckpoint) for c in configured
         ):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from umedpt.data.loading import task_subset
 from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
@@ -217,9 +218,9 @@ class MultiTaskModule(LightningModule):
         k = self.hparams.tasks_per_step
         if k is None or k >= len(names):
             return names
-        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        chosen = set(torch.randperm(len(names), generator=generator)[:k].tolist())
-        return [n for i, n in enumerate(names) if i in chosen]
+        # the data module's draw (task_subset), here by optimizer step
+        chosen = task_subset(len(names), k, self.hparams.seed, 0, self.global_step)
+        return [names[i] for i in chosen]
 
     def step_groups(self, batch: dict[str, Any]) -> list[list[str]]:
         """Tasks that share one forward/backward, in order: here each active task alone."""

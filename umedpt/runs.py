@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = [
     "AtomicCheckpointIO",
+    "PeriodicCheckpoint",
     "RunDir",
     "architecture_differences",
     "last_checkpoint",
@@ -175,7 +176,8 @@ def _get(node: Any, key: str) -> Any:
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps (no other files).
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps and at each validation end
+    (Lightning's ``save_last``); no other files.
 
     Its state key does not depend on its arguments, so that validate / test / predict, which
     add one with any period, accept the checkpoints of a fit without Lightning's warning about

@@ -168,11 +168,12 @@ class MultiTaskDataModule(LightningDataModule):
         train = split == "train"
         dataset = self.datasets[split][task.name]
         workers = self.num_workers if task.num_workers is None else task.num_workers
+        stream = self.seed * 1000 + index  # each task's own shuffle and worker-seed stream
         # training loaders remember their position: a fit resumed mid-epoch continues it exactly
         return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=task.batch_size if train else (self.eval_batch_size or task.batch_size),
-            sampler=EpochShuffleSampler(len(dataset), seed=self.seed * 1000 + index) if train else None,
+            sampler=EpochShuffleSampler(len(dataset), seed=stream) if train else None,
             drop_last=train,
             num_workers=workers,
             persistent_workers=train and workers > 0,
@@ -181,7 +182,7 @@ class MultiTaskDataModule(LightningDataModule):
             # the loader's own stream for its worker seeds: starting an iteration must not draw
             # from the global stream that stochastic depth uses (a resumed run starts its loaders
             # at another point of that stream than the uninterrupted run did)
-            generator=torch.Generator().manual_seed(self.seed * 1000 + index),
+            generator=torch.Generator().manual_seed(stream),
         )
 
     def train_dataloader(self) -> CombinedLoader:

@@ -31,7 +31,54 @@ def collate_cases(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded from ``keys`` (mixed by NumPy's SeedSequence, the same on every
+    Python version and platform): the one way the data side derives its random streams."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+class ResumablePosition:
+    """Epoch / pass / skip bookkeeping of a sampler that a run resumed mid-epoch continues.
+
+    A subclass calls :meth:`_next_pass` at the start of each ``__iter__`` (it returns how many
+    items of the pass to leave out) and reads ``self.epoch`` and ``self._passes``.
+    :class:`ResumableDataLoader` stores ``(epoch, current_pass, batches served)`` in checkpoints
+    and gives them back through :meth:`resume_at`.
+    """
+
+    epoch: int = 0
+    _passes: int = 0
+    _skip: int = 0  # items to leave out of the next pass (a pass resumed part-way)
+    _resumed_epoch: int | None = None
+
+    @property
+    def current_pass(self) -> int:
+        """Index of the pass being served in this epoch (-1 before the first)."""
+        return self._passes - 1
+
+    def set_epoch(self, epoch: int) -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == epoch:  # positioned by resume_at already
+            return
+        self.epoch, self._passes, self._skip = epoch, 0, 0
+
+    def resume_at(self, epoch: int, pass_index: int, skip: int) -> None:
+        """Make the next pass pass ``pass_index`` of ``epoch`` without its first ``skip`` items.
+
+        The following :meth:`set_epoch` call with the same epoch (Lightning makes it before the
+        resumed epoch's first batch) keeps this position.
+        """
+        self.epoch, self._passes, self._skip = epoch, pass_index, skip
+        self._resumed_epoch = epoch
+
+    def _next_pass(self) -> int:
+        """Start a pass: the number of its items to skip (then 0 again)."""
+        skip, self._skip = self._skip, 0
+        self._passes += 1
+        return skip
+
+
+class EpochShuffleSampler(ResumablePosition, Sampler[int]):
     """Random permutation that depends only on ``(seed, epoch, pass)``.
 
     Lightning calls :meth:`set_epoch` before each epoch, so a run resumed from a
@@ -45,39 +92,10 @@ class EpochShuffleSampler(Sampler[int]):
             raise ValueError(f"EpochShuffleSampler: num_samples must be >= 1, got {num_samples}")
         self.num_samples = num_samples
         self.seed = seed
-        self.epoch = 0
-        self._passes = 0
-        self._skip = 0  # indices to leave out of the next pass (a pass resumed part-way)
-        self._resumed_epoch: int | None = None
-
-    @property
-    def current_pass(self) -> int:
-        """Index of the pass being served in this epoch (-1 before the first)."""
-        return self._passes - 1
-
-    def set_epoch(self, epoch: int) -> None:
-        resumed, self._resumed_epoch = self._resumed_epoch, None
-        if resumed == epoch:  # positioned by resume_at already
-            return
-        self.epoch = epoch
-        self._passes = 0
-        self._skip = 0
-
-    def resume_at(self, epoch: int, pass_index: int, skip: int) -> None:
-        """Make the next pass pass ``pass_index`` of ``epoch`` without its first ``skip`` indices.
-
-        The following :meth:`set_epoch` call with the same epoch (Lightning makes it before the
-        resumed epoch's first batch) keeps this position.
-        """
-        self.epoch, self._passes, self._skip = epoch, pass_index, skip
-        self._resumed_epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        skip, self._skip = self._skip, 0
-        # SeedSequence mixes the three numbers the same way on every Python version and platform
-        state = np.random.SeedSequence([self.seed, self.epoch, self._passes]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(state))
-        self._passes += 1
+        generator = seeded_generator(self.seed, self.epoch, self._passes)
+        skip = self._next_pass()
         return iter(torch.randperm(self.num_samples, generator=generator)[skip:].tolist())
 
     def __len__(self) -> int:
@@ -87,9 +105,8 @@ class EpochShuffleSampler(Sampler[int]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader that can continue an epoch part-way.
 
-    Its sampler gives the position: :class:`EpochShuffleSampler` (indices) or any sampler with
-    ``epoch``, ``current_pass`` and ``resume_at(epoch, pass, skip)`` (e.g. the MLLM stage's
-    sampler of whole batches, used with ``batch_size=None``).
+    Its sampler gives the position: a :class:`ResumablePosition` sampler, of indices
+    (:class:`EpochShuffleSampler`) or of whole batches with ``batch_size=None`` (the MLLM stage's).
 
     It counts the batches it has served in the current pass; Lightning stores
     :meth:`state_dict` in every checkpoint and hands it back through :meth:`load_state_dict`
@@ -102,23 +119,24 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.served = 0
+        self._resumed_served = 0  # batches a resumed pass has served before the checkpoint
 
     def __iter__(self) -> Iterator[Any]:
-        self.served = 0
+        self.served, self._resumed_served = self._resumed_served, 0
         return _Served(super().__iter__(), self)
 
     def state_dict(self) -> dict[str, int]:
         sampler = self.sampler
-        if not callable(getattr(sampler, "resume_at", None)):
+        if not isinstance(sampler, ResumablePosition):
             return {}
         return {"epoch": sampler.epoch, "pass": sampler.current_pass, "batches": self.served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler = self.sampler
-        if callable(getattr(sampler, "resume_at", None)) and state and state["pass"] >= 0:
+        if isinstance(sampler, ResumablePosition) and state and state["pass"] >= 0:
             # a sampler of indices skips batches x batch size; one of whole batches (batch_size None) batches
             sampler.resume_at(state["epoch"], state["pass"], state["batches"] * int(self.batch_size or 1))
-            self._resume_served = state["batches"]
+            self._resumed_served = state["batches"]
 
 
 class _Served:
@@ -126,8 +144,6 @@ class _Served:
 
     def __init__(self, iterator: Iterator[Any], loader: ResumableDataLoader) -> None:
         self.iterator, self.loader = iterator, loader
-        # a resumed pass has already served the batches it skips
-        loader.served = loader.__dict__.pop("_resume_served", 0)
 
     def __iter__(self) -> _Served:
         return self
@@ -143,9 +159,7 @@ def task_subset(num_tasks: int, k: int, seed: int, epoch: int, index: int) -> li
 
     Depends only on its arguments, so a run resumed at an epoch boundary draws the same subsets.
     """
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]
-    generator = torch.Generator().manual_seed(int(state))
-    return sorted(torch.randperm(num_tasks, generator=generator)[:k].tolist())
+    return sorted(torch.randperm(num_tasks, generator=seeded_generator(seed, epoch, index))[:k].tolist())
 
 
 class TaskSubsetLoader(CombinedLoader):
@@ -174,11 +188,12 @@ class TaskSubsetLoader(CombinedLoader):
         super().__init__(loaders, mode="max_size_cycle")
         self.tasks_per_step = tasks_per_step
         self.seed = seed
+        self._start_index = 0  # the step within the epoch a resumed run continues from
 
     def __iter__(self) -> TaskSubsetLoader:
         iterator = _SubsetCycle(self.flattened, self._limits, self.tasks_per_step, self.seed)
         iter(iterator)
-        iterator._idx = self.__dict__.pop("_start_index", 0)  # a run resumed mid-epoch
+        iterator._idx, self._start_index = self._start_index, 0
         self._iterator = iterator
         return self
 

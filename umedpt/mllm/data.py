@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from umedpt.data.loading import ResumablePosition
 from umedpt.data.synthetic import SPLIT_OFFSETS, render_scene
 from umedpt.mllm.jsonl import read_jsonl
 from umedpt.mllm.prompts import fill_template
@@ -152,7 +153,7 @@ def collate_instructions(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class DatasetBatchSampler(Sampler[list[int]]):
+class DatasetBatchSampler(ResumablePosition, Sampler[list[int]]):
     """Batches of indices from one dataset each.
 
     Without ``shuffle`` the datasets are served in order of appearance, in consecutive chunks.
@@ -193,30 +194,11 @@ class DatasetBatchSampler(Sampler[list[int]]):
         )
         if (self.weights < 0).any() or self.weights.sum() <= 0:
             raise ValueError(f"DatasetBatchSampler: ratios must be >= 0 with a positive sum, got {ratios}")
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_batches = num_batches or math.ceil(len(datasets) / batch_size)
-        self._started = False  # whether this epoch's batches are being served
-        self._skip = 0  # batches to leave out of the next iteration (an epoch resumed part-way)
-        self._resumed_epoch: int | None = None
-
-    @property
-    def current_pass(self) -> int:
-        """0 once this epoch's batches are being served, -1 before (one pass per epoch)."""
-        return 0 if self._started else -1
-
-    def set_epoch(self, epoch: int) -> None:
-        resumed, self._resumed_epoch = self._resumed_epoch, None
-        if resumed == epoch:  # positioned by resume_at already
-            return
-        self.epoch, self._started, self._skip = epoch, False, 0
-
-    def resume_at(self, epoch: int, pass_index: int, skip: int) -> None:
-        """Make the next iteration serve ``epoch`` without its first ``skip`` batches."""
-        self.epoch, self._skip, self._resumed_epoch = epoch, skip, epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        self._started = True
-        skip, self._skip = self._skip, 0
+        skip = self._next_pass()  # every pass of an epoch serves the same batches
         for i, batch in enumerate(self._batches()):
             if i >= skip:
                 yield batch
