@@ -158,8 +158,8 @@ def _tiff_planar_configuration(data: np.ndarray) -> int:
 
     1 (interleaved, the default) also for files that are not TIFF or whose first directory cannot be read.
     """
-    raw = data.tobytes()
-    order = {b"II": "<", b"MM": ">"}.get(raw[:2])
+    raw = memoryview(data)  # the file's bytes, read in place (no copy)
+    order = {b"II": "<", b"MM": ">"}.get(bytes(raw[:2]))
     if order is None:
         return 1
     try:
