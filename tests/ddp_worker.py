@@ -7,11 +7,15 @@ It fits the real :class:`umedpt.MultiTaskModule` with the real Lightning ``Train
 * ``no_sync``: the module as shipped (all but the last task's backward inside
   ``optimizer.toggle_model(sync_grad=False)``);
 * ``sync_every_task``: the same module under a strategy whose ``block_backward_sync`` does nothing,
-  i.e. what the loop would cost without ``no_sync`` (one all-reduce per task).
+  i.e. what the loop would cost without ``no_sync`` (one all-reduce per task);
+* ``per_task_clip``: ``grad_clip_mode="per_task"`` at the clip norm ``CLIP``;
+* ``per_task_moments``: ``moments="per_task"`` (each task's rank-averaged gradient goes into its
+  own AdamW moments, so every task's backward all-reduces).
 
 Each fit writes to ``<out>/<mode>/rank<r>/``: ``initial.pt`` (state dict when training starts, after
 DDP broadcast the weights), ``grads.pt`` (gradients seen by ``on_before_optimizer_step`` of the first
-step) and ``record.json`` (comm-hook calls per optimizer step and the bucket sizes they reduced).
+step), ``final.pt`` (state dict when training ends) and ``record.json`` (comm-hook calls per
+optimizer step and the bucket sizes they reduced).
 
 Usage: ``python -m tests.ddp_worker OUT_DIR MAX_STEPS``.
 """
@@ -36,7 +40,7 @@ from umedpt import MultiTaskModule, SwinEncoder, Task  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_SIZE = 2
-MODES = ("no_sync", "sync_every_task", "per_task_clip")
+MODES = ("no_sync", "sync_every_task", "per_task_clip", "per_task_moments")
 #: the clip norm of the ``per_task_clip`` mode (below every task's gradient norm)
 CLIP = 0.05
 
@@ -122,6 +126,7 @@ def main(out: Path, max_steps: int) -> None:
                 torch.save(grads, self.folder / "grads.pt")
 
         def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+            torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.folder / "final.pt")
             record = {
                 "calls_per_step": self.calls_per_step,
                 "bucket_numels": self.bucket_numels,
@@ -167,8 +172,11 @@ def main(out: Path, max_steps: int) -> None:
             callbacks=[Recorder(folder)],
         )
         # a different seed per rank: DDP must broadcast rank 0's weights
-        clip = {"grad_clip_norm": CLIP, "grad_clip_mode": "per_task"} if mode == "per_task_clip" else {}
-        model = build_model(seed=rank, **clip)
+        options = {
+            "per_task_clip": {"grad_clip_norm": CLIP, "grad_clip_mode": "per_task"},
+            "per_task_moments": {"moments": "per_task"},
+        }.get(mode, {})
+        model = build_model(seed=rank, **options)
         trainer.fit(model, train_dataloaders=CombinedLoader(loaders, mode="max_size_cycle"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -307,3 +307,53 @@ def test_per_task_clipping_sums_each_task_gradient_clipped_on_its_own(tasks, bat
 def test_grad_clip_mode_is_checked(tasks):
     with pytest.raises(ValueError, match="grad_clip_mode must be 'global' or 'per_task', got 'task'"):
         make_module(tasks, grad_clip_mode="task")
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_per_task_moments_fit_equals_a_manual_taskwise_adamw_loop(tasks, batch, tmp_path):
+    """``moments="per_task"``: after each task's backward its gradient (encoder + its head) is
+    clipped alone and taken into that task's AdamW moments; one step applies them all."""
+    from lightning import Trainer
+    from torch.utils.data import DataLoader
+
+    from umedpt.optim import TaskwiseAdamW
+
+    max_norm = 0.05  # below every task's gradient norm: each one is clipped
+    model = make_module(tasks, moments="per_task", grad_clip_norm=max_norm, lr=1e-3, warmup_steps=1, export_encoder=False)
+    reference = copy.deepcopy(model)
+    batches = [batch, {t.name: random_batch(t, seed=7 + i) for i, t in enumerate(tasks)}, batch]
+
+    def fit(module: MultiTaskModule) -> Trainer:
+        trainer = Trainer(
+            accelerator="cpu", max_steps=len(batches), logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+            num_sanity_val_steps=0, default_root_dir=tmp_path,
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+        return trainer
+
+    trainer = fit(model)
+    assert isinstance(trainer.optimizers[0], TaskwiseAdamW)
+    assert sorted(trainer.optimizers[0].task_names()) == sorted(model.task_names)
+
+    optimizer, scheduler = reference.build_optimizer(len(batches))
+    for step_batch in batches:
+        for name in reference.task_names:
+            reference.task_loss(name, step_batch[name]).backward()
+            trained = [*reference.encoder.parameters(), *reference.heads[name].parameters()]
+            torch.nn.utils.clip_grad_norm_([p for p in trained if p.grad is not None], max_norm)
+            optimizer.accumulate(name)
+        optimizer.step()
+        scheduler.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # and it is not what one shared AdamW does with the same batches
+    shared = make_module(tasks, grad_clip_norm=max_norm, lr=1e-3, warmup_steps=1, export_encoder=False)
+    fit(shared)
+    gap = (shared.encoder.model.patch_embed.proj.weight - model.encoder.model.patch_embed.proj.weight).abs().max()
+    assert gap > 1e-4
+
+
+def test_moments_is_checked(tasks):
+    with pytest.raises(ValueError, match="moments must be 'shared' or 'per_task', got 'task'"):
+        make_module(tasks, moments="task")

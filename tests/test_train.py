@@ -89,13 +89,17 @@ class StopAndSave(Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize(("drop_path_rate", "tasks_per_step"), [(0.0, None), (0.2, None), (0.2, 2)])
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, drop_path_rate, tasks_per_step):
+@pytest.mark.parametrize(
+    ("drop_path_rate", "tasks_per_step", "moments"),
+    [(0.0, None, "shared"), (0.2, None, "shared"), (0.2, 2, "shared"), (0.0, None, "per_task")],
+)
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, drop_path_rate, tasks_per_step, moments):
     """Resumed at an epoch boundary, the run is bitwise the uninterrupted one, also with stochastic
-    depth (its random draws come from the global RNG streams that the checkpoint carries) and with
-    a random subset of the tasks per step (drawn by the data module from seed, epoch and step)."""
+    depth (its random draws come from the global RNG streams that the checkpoint carries), with
+    a random subset of the tasks per step (drawn by the data module from seed, epoch and step) and
+    with per-task AdamW moments (kept in the checkpoint's optimizer state)."""
     # 16 samples / batch 8 = 2 steps per epoch; 4 epochs = 8 steps, interrupted after 2 epochs
-    kw = {"drop_path_rate": drop_path_rate, "tasks_per_step": tasks_per_step}
+    kw = {"drop_path_rate": drop_path_rate, "tasks_per_step": tasks_per_step, "moments": moments}
     full_model, data = build(num_samples=16, batch_size=8, **kw)
     trainer(tmp_path / "full", max_epochs=4).fit(full_model, data)
 

@@ -19,6 +19,7 @@ from umedpt.data.loading import task_subset
 from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
+from umedpt.optim import TaskwiseAdamW
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
@@ -72,6 +73,13 @@ class MultiTaskModule(LightningModule):
             its own before it is added to the others', so a task with large gradients cannot
             shrink the share of the step the other tasks get (costs one more copy of the
             encoder's gradients). The same with one task per step.
+        moments: ``"shared"``: one AdamW over the step's summed gradient; its per-parameter
+            second moment is dominated by the task with the largest gradients, so a task with
+            smaller gradients moves the shared encoder less than alone. ``"per_task"``:
+            :class:`~umedpt.optim.TaskwiseAdamW` keeps each task's own moments and sums the
+            tasks' AdamW directions, so each task moves the encoder as far as alone (a step of
+            ``T`` tasks is up to ``T`` times longer); gradients are then clipped per task, and
+            the encoder's optimizer state is two buffers per task.
         tasks_per_step: train a random subset of this many tasks per step (``None``: all). A
             batch that holds no more tasks than this is trained whole: the CLI gives the value to
             :class:`~umedpt.data.MultiTaskDataModule`, which draws the subset and loads only those
@@ -107,6 +115,7 @@ class MultiTaskModule(LightningModule):
         min_lr_ratio: float = 0.01,
         grad_clip_norm: float | None = 1.0,
         grad_clip_mode: Literal["global", "per_task"] = "global",
+        moments: Literal["shared", "per_task"] = "shared",
         tasks_per_step: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
@@ -150,6 +159,8 @@ class MultiTaskModule(LightningModule):
             raise ValueError(f"head_lr_factor must be > 0, got {head_lr_factor}")
         if grad_clip_mode not in ("global", "per_task"):
             raise ValueError(f"grad_clip_mode must be 'global' or 'per_task', got {grad_clip_mode!r}")
+        if moments not in ("shared", "per_task"):
+            raise ValueError(f"moments must be 'shared' or 'per_task', got {moments!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.val_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
@@ -177,6 +188,7 @@ class MultiTaskModule(LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "grad_clip_norm": grad_clip_norm,
                 "grad_clip_mode": grad_clip_mode,
+                "moments": moments,
                 "tasks_per_step": tasks_per_step,
                 "nonfinite": nonfinite,
                 "export_encoder": export_encoder,
@@ -242,22 +254,29 @@ class MultiTaskModule(LightningModule):
         groups = self.step_groups(batch)
         attached = self._trainer is not None
         optimizer = self.optimizers() if attached else None
+        # per-task moments: each group's gradient is taken into its own moments after its backward
+        taskwise = optimizer.optimizer if attached and isinstance(optimizer.optimizer, TaskwiseAdamW) else None
         losses: dict[str, Tensor] = {}
         for i, group in enumerate(groups):
             last = i == len(groups) - 1
-            # clipped per task, each task's gradient is synchronised by its own backward
-            deferred = not (last or not attached or self._clips_per_task)
+            # clipped per task or with per-task moments, each task's gradient is synchronised by
+            # its own backward
+            deferred = not (last or not attached or self._clips_per_task or taskwise is not None)
             sync = optimizer.toggle_model(sync_grad=False) if deferred else nullcontext()
             with sync:
                 group_losses = self.group_losses(group, self.group_to_device(group, batch))
                 total = sum(group_losses.values())
-                earlier = self._stash_encoder_grads() if self._clips_per_task else None
+                earlier = self._stash_encoder_grads() if self._clips_per_task and taskwise is None else None
                 if attached:
                     self.manual_backward(total)
                 else:
                     total.backward()
                 if earlier is not None:
                     self._clip_and_restore(group, earlier)
+                if taskwise is not None:
+                    if self.hparams.grad_clip_norm is not None:
+                        self._clip_group(group)
+                    taskwise.accumulate("+".join(group))
             losses.update({name: loss.detach() for name, loss in group_losses.items()})
             del group_losses, total
         if self.hparams.nonfinite == "raise":
@@ -277,11 +296,15 @@ class MultiTaskModule(LightningModule):
             p.grad = None
         return earlier
 
-    def _clip_and_restore(self, group: list[str], earlier: list[Tensor | None]) -> None:
-        """Clip this group's gradient (encoder + its heads) alone, then add the earlier ones back."""
+    def _clip_group(self, group: list[str]) -> None:
+        """Clip the gradient of the encoder and ``group``'s heads (holding only this group's)."""
         params = [p for p in self.encoder.parameters() if p.grad is not None]
         params += [p for name in group for p in self.heads[name].parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip_norm, foreach=True)
+
+    def _clip_and_restore(self, group: list[str], earlier: list[Tensor | None]) -> None:
+        """Clip this group's gradient (encoder + its heads) alone, then add the earlier ones back."""
+        self._clip_group(group)
         for p, grad in zip(self.encoder.parameters(), earlier, strict=True):
             if grad is None:
                 continue
@@ -381,7 +404,8 @@ class MultiTaskModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # gradients are unscaled here (also with fp16 + GradScaler)
-        if self.hparams.grad_clip_norm is not None and not self._clips_per_task:
+        per_task_moments = self.hparams.get("moments", "shared") == "per_task"
+        if self.hparams.grad_clip_norm is not None and not self._clips_per_task and not per_task_moments:
             # only the parameters this step trained (the other tasks' heads have no gradient); the
             # list of all parameters is kept: walking 17 heads' modules every step cost ~5 ms
             if self._all_parameters is None:
@@ -456,8 +480,11 @@ class MultiTaskModule(LightningModule):
             for group in param_groups_weight_decay(module, hp.weight_decay):
                 merged.setdefault((lr, group["weight_decay"]), []).extend(group["params"])
         groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in merged.items()]
-        # fused: one kernel per step, no temporaries the size of the parameters (foreach has them)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
+        if hp.get("moments", "shared") == "per_task":
+            optimizer: torch.optim.Optimizer = TaskwiseAdamW(groups, lr=hp.lr)
+        else:
+            # fused: one kernel per step, no temporaries the size of the parameters (foreach has them)
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
         total = max(1, total_steps)
         warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
         return optimizer, LambdaLR(optimizer, warmup_cosine(max(1, warmup), total, hp.min_lr_ratio))
@@ -484,6 +511,12 @@ class MultiTaskModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self._all_parameters = None  # configure_model may have changed the modules
+        if self.hparams.get("moments", "shared") == "per_task" and str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                f"moments='per_task' takes each task's gradient before the optimizer step, where "
+                f"fp16's loss scaler unscales them; use precision bf16-mixed or 32-true, "
+                f"not {self.trainer.precision!r}"
+            )
         if self.hparams.flush_denormal and self.device.type == "cpu":
             torch.set_flush_denormal(True)
 

@@ -1,0 +1,140 @@
+"""TaskwiseAdamW: AdamW that keeps each task's own moment estimates.
+
+In a multi-task step the tasks' gradients are summed before AdamW divides them, parameter by
+parameter, by the root of their second moment. That moment is then dominated by the task with
+the largest gradients, so a task whose gradients are a few times smaller than another's moves
+the shared encoder a few times less than it would alone. :class:`TaskwiseAdamW` keeps a first
+and second moment per task instead: after a task's backward, :meth:`TaskwiseAdamW.accumulate`
+takes that task's gradient into its own moments and adds its bias-corrected AdamW direction to
+the step; :meth:`TaskwiseAdamW.step` then applies the sum of the directions once, with
+decoupled weight decay. Every task therefore moves the encoder as far as it would alone; with
+``T`` tasks in a step the step is up to ``T`` times longer than a single task's.
+
+Gradients left in ``.grad`` when :meth:`~TaskwiseAdamW.step` runs belong to an unnamed task, so
+an optimizer used without :meth:`~TaskwiseAdamW.accumulate` is AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+
+#: the task name of gradients that reach :meth:`TaskwiseAdamW.step` without :meth:`accumulate`
+UNNAMED_TASK = ""
+
+
+class TaskwiseAdamW(torch.optim.Optimizer):
+    """AdamW with first and second moments per task; one update for all tasks per step.
+
+    Args:
+        params: parameters or parameter groups, as for :class:`torch.optim.AdamW`.
+        lr: learning rate.
+        betas: decay rates of the first and second moment.
+        eps: added to the root of the second moment.
+        weight_decay: decoupled weight decay (applied once per step to every parameter that
+            some task of the step trained).
+
+    Memory: two buffers per task and parameter, plus one for the step being gathered (AdamW
+    holds two per parameter).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"TaskwiseAdamW: lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"TaskwiseAdamW: betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    def _task_moments(self, p: Tensor, task: str) -> dict[str, Any]:
+        state = self.state[p]
+        tasks = state.setdefault("tasks", {})
+        moments = tasks.get(task)
+        if moments is None:
+            moments = tasks[task] = {
+                # a float32 tensor on the parameter's device, as torch's fused AdamW keeps it
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+        elif moments["step"].device != p.device:  # loaded from a checkpoint of another device
+            moments["step"] = moments["step"].to(device=p.device, dtype=torch.float32)
+        if "update" not in state:
+            state["update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["pending"] = False
+        return moments
+
+    @torch.no_grad()
+    def accumulate(self, task: str) -> None:
+        """Take the gradients now in ``.grad`` as ``task``'s: update its moments, add its AdamW
+        direction to the step, and clear ``.grad``."""
+        if not isinstance(task, str):
+            raise TypeError(f"TaskwiseAdamW.accumulate: task must be a str, got {type(task).__name__}")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("TaskwiseAdamW does not support sparse gradients")
+            beta1, beta2 = group["betas"]
+            moments = [self._task_moments(p, task) for p in params]
+            # torch's AdamW kernel on the step buffers instead of the parameters: with lr -1 and
+            # no weight decay it adds the bias-corrected direction m / (sqrt(v) + eps) to them
+            adamw(
+                [self.state[p]["update"] for p in params],
+                [p.grad for p in params],
+                [m["exp_avg"] for m in moments],
+                [m["exp_avg_sq"] for m in moments],
+                [],
+                [m["step"] for m in moments],
+                fused=all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params),
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=-1.0,
+                weight_decay=0.0,
+                eps=group["eps"],
+                maximize=False,
+            )
+            for p in params:
+                self.state[p]["pending"] = True
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply the gathered directions (and weight decay) to the parameters some task trained."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self.accumulate(UNNAMED_TASK)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.state.get(p, {}).get("pending")]
+            if not params:
+                continue
+            updates = [self.state[p]["update"] for p in params]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+            torch._foreach_zero_(updates)
+            for p in params:
+                self.state[p]["pending"] = False
+        return loss
+
+    def task_names(self) -> list[str]:
+        """The tasks that have moments, in the order they were first seen."""
+        names: dict[str, None] = {}
+        for state in self.state.values():
+            names.update(dict.fromkeys(state.get("tasks", {})))
+        return list(names)
