@@ -10,7 +10,9 @@ It fits the real :class:`umedpt.MultiTaskModule` with the real Lightning ``Train
   i.e. what the loop would cost without ``no_sync`` (one all-reduce per task);
 * ``per_task_clip``: ``grad_clip_mode="per_task"`` at the clip norm ``CLIP``;
 * ``per_task_moments``: ``moments="per_task"`` (each task's rank-averaged gradient goes into its
-  own AdamW moments, so every task's backward all-reduces).
+  own AdamW moments, so every task's backward all-reduces);
+* ``upgrad``: ``aggregator="torchjd.aggregation.UPGrad"`` (the rows of J are rank-averaged task
+  gradients, so every task's backward all-reduces).
 
 Each fit writes to ``<out>/<mode>/rank<r>/``: ``initial.pt`` (state dict when training starts, after
 DDP broadcast the weights), ``grads.pt`` (gradients seen by ``on_before_optimizer_step`` of the first
@@ -40,7 +42,7 @@ from umedpt import MultiTaskModule, SwinEncoder, Task  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_SIZE = 2
-MODES = ("no_sync", "sync_every_task", "per_task_clip", "per_task_moments")
+MODES = ("no_sync", "sync_every_task", "per_task_clip", "per_task_moments", "upgrad")
 #: the clip norm of the ``per_task_clip`` mode (below every task's gradient norm)
 CLIP = 0.05
 
@@ -175,6 +177,7 @@ def main(out: Path, max_steps: int) -> None:
         options = {
             "per_task_clip": {"grad_clip_norm": CLIP, "grad_clip_mode": "per_task"},
             "per_task_moments": {"moments": "per_task"},
+            "upgrad": {"aggregator": "torchjd.aggregation.UPGrad"},
         }.get(mode, {})
         model = build_model(seed=rank, **options)
         trainer.fit(model, train_dataloaders=CombinedLoader(loaders, mode="max_size_cycle"))

@@ -267,3 +267,36 @@ def test_per_task_moments_under_ddp_step_with_each_rank_averaged_task_gradient(r
     assert moved > 1e-4  # the run trained
     # each task's backward all-reduces: its moments need the rank-averaged gradient
     assert all(c == [len(task_list)] * MAX_STEPS for c in [x["record"]["calls_per_step"] for x in records])
+
+
+def test_aggregator_under_ddp_sees_the_rank_averaged_task_gradients(run):
+    """``aggregator=UPGrad``: row t of J is task t's encoder gradient averaged over the ranks (its
+    own backward all-reduces), the encoder's gradient is UPGrad(J), heads keep their own."""
+    from torchjd.aggregation import UPGrad
+
+    records = run["upgrad"]
+    model = build_model(seed=123)
+    model.load_state_dict(records[0]["initial"])
+    task_list = tasks()
+    encoder = [n for n, _ in model.encoder.named_parameters()]
+    rows, expected = [], {}
+    for task in model.task_names:
+        per_rank = []
+        for rank in range(WORLD_SIZE):
+            model.zero_grad(set_to_none=True)
+            model.task_loss(task, rank_batch(task_list, rank, step=0)[task]).backward()
+            per_rank.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        mean = {n: sum(g[n] for g in per_rank) / WORLD_SIZE for n in per_rank[0]}
+        rows.append(torch.cat([mean[f"encoder.{n}"].flatten() for n in encoder]))
+        expected.update({n: g for n, g in mean.items() if n.startswith(f"heads.{task}.")})
+    aggregated = UPGrad()(torch.stack(rows))
+    offset = 0
+    for n, p in model.encoder.named_parameters():
+        expected[f"encoder.{n}"] = aggregated[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    for r, rank in enumerate(records):
+        got = rank["grads"]
+        wrong = [n for n in expected if n in got and not torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-7)]
+        assert not wrong, f"rank {r}: {len(wrong)} gradients differ from the reference, e.g. {wrong[:6]}"
+        assert all(f"encoder.{n}" in got for n in encoder)
+    assert all(c == [len(task_list)] * MAX_STEPS for c in [x["record"]["calls_per_step"] for x in records])

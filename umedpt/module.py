@@ -19,7 +19,7 @@ from umedpt.data.loading import task_subset
 from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
-from umedpt.optim import TaskwiseAdamW
+from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
@@ -80,6 +80,16 @@ class MultiTaskModule(LightningModule):
             tasks' AdamW directions, so each task moves the encoder as far as alone (a step of
             ``T`` tasks is up to ``T`` times longer); gradients are then clipped per task, and
             the encoder's optimizer state is two buffers per task.
+        aggregator: how the step combines the tasks' gradients of the shared encoder. ``"sum"``
+            adds them up in ``.grad`` (no extra memory). Otherwise a TorchJD aggregator by class
+            path (``"torchjd.aggregation.UPGrad"``, ``MGDA``, ``PCGrad``, ``CAGrad``, ...; a
+            mapping with ``class_path`` and ``init_args``; or an instance): after each task's
+            backward its encoder gradient is taken out of ``.grad`` into row ``t`` of a matrix J
+            (tasks in the order they train; a group of tasks sharing one backward is one row), and
+            the encoder's gradient for the step is ``aggregator(J)``. Heads keep their own task's
+            gradient. Costs ``T x`` the encoder's size in float32; under DDP each task's backward
+            synchronises. With ``grad_clip_mode: per_task`` each row (and its head) is clipped
+            before aggregation; global clipping acts on the aggregated gradient.
         tasks_per_step: train a random subset of this many tasks per step (``None``: all). A
             batch that holds no more tasks than this is trained whole: the CLI gives the value to
             :class:`~umedpt.data.MultiTaskDataModule`, which draws the subset and loads only those
@@ -116,6 +126,7 @@ class MultiTaskModule(LightningModule):
         grad_clip_norm: float | None = 1.0,
         grad_clip_mode: Literal["global", "per_task"] = "global",
         moments: Literal["shared", "per_task"] = "shared",
+        aggregator: str | dict[str, Any] = SUM,
         tasks_per_step: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
@@ -163,6 +174,16 @@ class MultiTaskModule(LightningModule):
             raise ValueError(f"moments must be 'shared' or 'per_task', got {moments!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        # kept out of the module tree: an aggregator is not part of the model's weights
+        object.__setattr__(self, "_aggregator", build_aggregator(aggregator))
+        if self._aggregator is not None and moments == "per_task":
+            raise ValueError(
+                "aggregator and moments='per_task' both decide how the tasks share the encoder's step; "
+                "use one of them"
+            )
+        if not isinstance(aggregator, (str, dict)):  # a callable: recorded by its (class's) name
+            named = aggregator if hasattr(aggregator, "__qualname__") else type(aggregator)
+            aggregator = f"{named.__module__}.{named.__qualname__}"
         self.val_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
         self.test_metrics = nn.ModuleDict({n: h.build_metrics() for n, h in self.heads.items()})
         self.eval_losses = nn.ModuleDict({n: MeanMetric() for n in self.tasks})
@@ -189,6 +210,7 @@ class MultiTaskModule(LightningModule):
                 "grad_clip_norm": grad_clip_norm,
                 "grad_clip_mode": grad_clip_mode,
                 "moments": moments,
+                "aggregator": aggregator,
                 "tasks_per_step": tasks_per_step,
                 "nonfinite": nonfinite,
                 "export_encoder": export_encoder,
@@ -256,17 +278,20 @@ class MultiTaskModule(LightningModule):
         optimizer = self.optimizers() if attached else None
         # per-task moments: each group's gradient is taken into its own moments after its backward
         taskwise = optimizer.optimizer if attached and isinstance(optimizer.optimizer, TaskwiseAdamW) else None
+        # an aggregator: each group's encoder gradient becomes one row of J
+        rows: list[Tensor] | None = [] if self._aggregator is not None else None
         losses: dict[str, Tensor] = {}
         for i, group in enumerate(groups):
             last = i == len(groups) - 1
             # clipped per task or with per-task moments, each task's gradient is synchronised by
             # its own backward
-            deferred = not (last or not attached or self._clips_per_task or taskwise is not None)
+            deferred = not (last or not attached or self._clips_per_task or taskwise is not None or rows is not None)
             sync = optimizer.toggle_model(sync_grad=False) if deferred else nullcontext()
             with sync:
                 group_losses = self.group_losses(group, self.group_to_device(group, batch))
                 total = sum(group_losses.values())
-                earlier = self._stash_encoder_grads() if self._clips_per_task and taskwise is None else None
+                alone = taskwise is None and rows is None
+                earlier = self._stash_encoder_grads() if self._clips_per_task and alone else None
                 if attached:
                     self.manual_backward(total)
                 else:
@@ -277,11 +302,40 @@ class MultiTaskModule(LightningModule):
                     if self.hparams.grad_clip_norm is not None:
                         self._clip_group(group)
                     taskwise.accumulate("+".join(group))
+                if rows is not None:
+                    if self._clips_per_task:
+                        self._clip_group(group)
+                    rows.append(self._take_encoder_grad())
             losses.update({name: loss.detach() for name, loss in group_losses.items()})
             del group_losses, total
+        if rows is not None:
+            self._set_encoder_grad(self._aggregator(torch.stack(rows)))
         if self.hparams.nonfinite == "raise":
             self._check_finite(losses)
         return losses
+
+    def _take_encoder_grad(self) -> Tensor:
+        """The encoder's gradient as one float32 vector (zeros where a parameter has none);
+        ``.grad`` is left empty."""
+        parts = []
+        for p in self.encoder.parameters():
+            parts.append(torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().flatten().float())
+            p.grad = None
+        return torch.cat(parts)
+
+    def _set_encoder_grad(self, vector: Tensor) -> None:
+        """Write ``vector`` (as :meth:`_take_encoder_grad` lays it out) into the encoder's ``.grad``."""
+        params = list(self.encoder.parameters())
+        expected = sum(p.numel() for p in params)
+        if vector.shape != (expected,):
+            raise ValueError(
+                f"aggregator returned a tensor of shape {tuple(vector.shape)}, expected ({expected},): "
+                "one vector over the encoder's parameters"
+            )
+        offset = 0
+        for p in params:
+            p.grad = vector[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
+            offset += p.numel()
 
     @property
     def _clips_per_task(self) -> bool:

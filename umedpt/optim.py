@@ -138,3 +138,45 @@ class TaskwiseAdamW(torch.optim.Optimizer):
         for state in self.state.values():
             names.update(dict.fromkeys(state.get("tasks", {})))
         return list(names)
+
+
+#: ``MultiTaskModule(aggregator=...)`` value that keeps the plain sum of the task gradients
+SUM = "sum"
+
+
+def build_aggregator(spec: Any) -> Callable[[Tensor], Tensor] | None:
+    """The aggregator of a ``MultiTaskModule(aggregator=...)`` value; ``None`` for ``"sum"``.
+
+    ``spec`` is ``"sum"``, a class path (``"torchjd.aggregation.UPGrad"``), a mapping
+    ``{"class_path": ..., "init_args": {...}}``, or a callable that maps the matrix of per-task
+    gradients (one row per task) to one gradient vector, such as a TorchJD aggregator instance.
+    """
+    from umedpt.tasks import import_class
+
+    if spec is None or spec == SUM:
+        return None
+    if callable(spec) and not isinstance(spec, (str, type)):
+        return spec
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise TypeError(
+            f"aggregator must be 'sum', a class path or {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}"
+        )
+    unknown = sorted(set(spec) - {"class_path", "init_args"})
+    if unknown:
+        raise ValueError(f"aggregator {spec['class_path']!r}: unknown keys {unknown}; expected class_path, init_args")
+    path = spec["class_path"]
+    try:
+        cls = import_class(path, "aggregator")
+    except ImportError as err:
+        if path.startswith("torchjd"):
+            raise ImportError(f"{err}; TorchJD aggregators need: pip install 'umedpt[aggregators]'") from err
+        raise
+    try:
+        aggregator = cls(**dict(spec.get("init_args") or {}))
+    except TypeError as err:
+        raise TypeError(f"aggregator {path!r}: cannot build it with init_args {spec.get('init_args')}: {err}") from err
+    if not callable(aggregator):
+        raise TypeError(f"aggregator {path!r} is not callable on a matrix of task gradients")
+    return aggregator
