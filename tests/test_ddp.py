@@ -121,6 +121,19 @@ def per_rank_reference(initial: dict[str, torch.Tensor]) -> list[dict[str, torch
     return grads
 
 
+def rank_averaged_task_gradient(model: Any, task: str, step: int) -> dict[str, torch.Tensor]:
+    """Task ``task``'s gradients at ``step`` averaged over the ranks' batches, by parameter name
+    (what DDP's all-reduce of that task's backward gives)."""
+    task_list = tasks()
+    per_rank = []
+    for rank in range(WORLD_SIZE):
+        model.zero_grad(set_to_none=True)
+        model.task_loss(task, rank_batch(task_list, rank, step)[task]).backward()
+        per_rank.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    return {n: sum(g[n] for g in per_rank) / WORLD_SIZE for n in per_rank[0]}
+
+
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
     """The largest absolute difference over the parameters of ``a``, and where it is."""
     worst = max(a, key=lambda n: float((a[n] - b[n]).abs().max()))
@@ -208,12 +221,7 @@ def test_per_task_clipping_under_ddp_clips_each_rank_averaged_task_gradient(run)
     task_list = tasks()
     expected: dict[str, torch.Tensor] = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for task in model.task_names:
-        per_rank = []
-        for rank in range(WORLD_SIZE):
-            model.zero_grad(set_to_none=True)
-            model.task_loss(task, rank_batch(task_list, rank, step=0)[task]).backward()
-            per_rank.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        mean = {n: sum(g[n] for g in per_rank) / WORLD_SIZE for n in per_rank[0]}
+        mean = rank_averaged_task_gradient(model, task, step=0)
         norm = torch.nn.utils.get_total_norm(list(mean.values()))
         assert norm > CLIP, task  # the clip acts on every task
         for n, g in mean.items():
@@ -237,21 +245,16 @@ def test_per_task_moments_under_ddp_step_with_each_rank_averaged_task_gradient(r
     model.load_state_dict(initial)
     optimizer, scheduler = model.build_optimizer(MAX_STEPS)
     task_list = tasks()
-    names = {p: n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     # a convolution bias followed by GroupNorm has a gradient of zero up to rounding, and AdamW
     # turns rounding noise into full steps of either sign: those parameters are not compared
     noise_level: set[str] = set()
     for step in range(MAX_STEPS):
         for task in model.task_names:
-            per_rank = []
-            for rank in range(WORLD_SIZE):
-                model.zero_grad(set_to_none=True)
-                model.task_loss(task, rank_batch(task_list, rank, step)[task]).backward()
-                per_rank.append({p: p.grad.clone() for p in model.parameters() if p.grad is not None})
-            for p in per_rank[0]:
-                p.grad = sum(g[p] for g in per_rank) / WORLD_SIZE
-                if float(p.grad.abs().max()) < 1e-8:
-                    noise_level.add(names[p])
+            for name, grad in rank_averaged_task_gradient(model, task, step).items():
+                params[name].grad = grad
+                if float(grad.abs().max()) < 1e-8:
+                    noise_level.add(name)
             optimizer.accumulate(task)
         optimizer.step()
         scheduler.step()
@@ -262,7 +265,8 @@ def test_per_task_moments_under_ddp_step_with_each_rank_averaged_task_gradient(r
         got = rank["final"]
         wrong = [n for n in expected if not torch.allclose(got[n].float(), expected[n].float(), rtol=1e-4, atol=1e-6)]
         assert not wrong, f"rank {r}: {len(wrong)} tensors differ from the reference, e.g. {wrong[:6]}"
-    assert torch.equal(records[0]["final"]["encoder.model.patch_embed.proj.weight"], records[1]["final"]["encoder.model.patch_embed.proj.weight"])
+    key = "encoder.model.patch_embed.proj.weight"
+    assert torch.equal(records[0]["final"][key], records[1]["final"][key])  # the ranks agree
     moved = max(float((records[0]["final"][n].float() - initial[n].float()).abs().max()) for n in initial)
     assert moved > 1e-4  # the run trained
     # each task's backward all-reduces: its moments need the rank-averaged gradient
@@ -281,12 +285,7 @@ def test_aggregator_under_ddp_sees_the_rank_averaged_task_gradients(run):
     encoder = [n for n, _ in model.encoder.named_parameters()]
     rows, expected = [], {}
     for task in model.task_names:
-        per_rank = []
-        for rank in range(WORLD_SIZE):
-            model.zero_grad(set_to_none=True)
-            model.task_loss(task, rank_batch(task_list, rank, step=0)[task]).backward()
-            per_rank.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        mean = {n: sum(g[n] for g in per_rank) / WORLD_SIZE for n in per_rank[0]}
+        mean = rank_averaged_task_gradient(model, task, step=0)
         rows.append(torch.cat([mean[f"encoder.{n}"].flatten() for n in encoder]))
         expected.update({n: g for n, g in mean.items() if n.startswith(f"heads.{task}.")})
     aggregated = UPGrad()(torch.stack(rows))
