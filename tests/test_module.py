@@ -357,3 +357,15 @@ def test_per_task_moments_fit_equals_a_manual_taskwise_adamw_loop(tasks, batch, 
 def test_moments_is_checked(tasks):
     with pytest.raises(ValueError, match="moments must be 'shared' or 'per_task', got 'task'"):
         make_module(tasks, moments="task")
+
+
+def test_per_task_moments_refuse_fp16(tasks):
+    from types import SimpleNamespace
+
+    model = make_module(tasks, moments="per_task")
+    model._trainer = SimpleNamespace(precision="16-mixed")
+    with pytest.raises(ValueError, match="moments='per_task'.*use precision bf16-mixed or 32-true, not '16-mixed'"):
+        model.on_fit_start()
+    model._trainer = SimpleNamespace(precision="bf16-mixed")
+    model.on_fit_start()  # accepted
+    torch.set_flush_denormal(False)

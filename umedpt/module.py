@@ -280,31 +280,33 @@ class MultiTaskModule(LightningModule):
         taskwise = optimizer.optimizer if attached and isinstance(optimizer.optimizer, TaskwiseAdamW) else None
         # an aggregator: each group's encoder gradient becomes one row of J
         rows: list[Tensor] | None = [] if self._aggregator is not None else None
+        # each group's gradient is used on its own (clipped alone, taken into its moments or into
+        # J): the encoder must hold only that group's gradient after its backward
+        consumed = taskwise is not None or rows is not None
+        separate = self._clips_per_task or consumed
+        clip_each = self.hparams.grad_clip_norm is not None and (self._clips_per_task or taskwise is not None)
         losses: dict[str, Tensor] = {}
         for i, group in enumerate(groups):
             last = i == len(groups) - 1
-            # clipped per task or with per-task moments, each task's gradient is synchronised by
-            # its own backward
-            deferred = not (last or not attached or self._clips_per_task or taskwise is not None or rows is not None)
+            # a group used on its own is synchronised by its own backward
+            deferred = not (last or not attached or separate)
             sync = optimizer.toggle_model(sync_grad=False) if deferred else nullcontext()
             with sync:
                 group_losses = self.group_losses(group, self.group_to_device(group, batch))
                 total = sum(group_losses.values())
-                alone = taskwise is None and rows is None
-                earlier = self._stash_encoder_grads() if self._clips_per_task and alone else None
+                # earlier groups' encoder gradients wait aside unless they were taken already
+                earlier = self._stash_encoder_grads() if separate and not consumed else None
                 if attached:
                     self.manual_backward(total)
                 else:
                     total.backward()
+                if clip_each:
+                    self._clip_group(group)
                 if earlier is not None:
-                    self._clip_and_restore(group, earlier)
+                    self._restore_encoder_grads(earlier)
                 if taskwise is not None:
-                    if self.hparams.grad_clip_norm is not None:
-                        self._clip_group(group)
                     taskwise.accumulate("+".join(group))
                 if rows is not None:
-                    if self._clips_per_task:
-                        self._clip_group(group)
                     rows.append(self._take_encoder_grad())
             losses.update({name: loss.detach() for name, loss in group_losses.items()})
             del group_losses, total
@@ -338,6 +340,10 @@ class MultiTaskModule(LightningModule):
             offset += p.numel()
 
     @property
+    def _per_task_moments(self) -> bool:
+        return self.hparams.get("moments", "shared") == "per_task"
+
+    @property
     def _clips_per_task(self) -> bool:
         hp = self.hparams
         return hp.get("grad_clip_mode", "global") == "per_task" and hp.grad_clip_norm is not None
@@ -356,9 +362,8 @@ class MultiTaskModule(LightningModule):
         params += [p for name in group for p in self.heads[name].parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip_norm, foreach=True)
 
-    def _clip_and_restore(self, group: list[str], earlier: list[Tensor | None]) -> None:
-        """Clip this group's gradient (encoder + its heads) alone, then add the earlier ones back."""
-        self._clip_group(group)
+    def _restore_encoder_grads(self, earlier: list[Tensor | None]) -> None:
+        """Add the earlier groups' encoder gradients (from :meth:`_stash_encoder_grads`) back."""
         for p, grad in zip(self.encoder.parameters(), earlier, strict=True):
             if grad is None:
                 continue
@@ -458,8 +463,7 @@ class MultiTaskModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # gradients are unscaled here (also with fp16 + GradScaler)
-        per_task_moments = self.hparams.get("moments", "shared") == "per_task"
-        if self.hparams.grad_clip_norm is not None and not self._clips_per_task and not per_task_moments:
+        if self.hparams.grad_clip_norm is not None and not self._clips_per_task and not self._per_task_moments:
             # only the parameters this step trained (the other tasks' heads have no gradient); the
             # list of all parameters is kept: walking 17 heads' modules every step cost ~5 ms
             if self._all_parameters is None:
@@ -534,7 +538,7 @@ class MultiTaskModule(LightningModule):
             for group in param_groups_weight_decay(module, hp.weight_decay):
                 merged.setdefault((lr, group["weight_decay"]), []).extend(group["params"])
         groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in merged.items()]
-        if hp.get("moments", "shared") == "per_task":
+        if self._per_task_moments:
             optimizer: torch.optim.Optimizer = TaskwiseAdamW(groups, lr=hp.lr)
         else:
             # fused: one kernel per step, no temporaries the size of the parameters (foreach has them)
@@ -565,7 +569,7 @@ class MultiTaskModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self._all_parameters = None  # configure_model may have changed the modules
-        if self.hparams.get("moments", "shared") == "per_task" and str(self.trainer.precision).startswith("16"):
+        if self._per_task_moments and str(self.trainer.precision).startswith("16"):
             raise ValueError(
                 f"moments='per_task' takes each task's gradient before the optimizer step, where "
                 f"fp16's loss scaler unscales them; use precision bf16-mixed or 32-true, "

@@ -39,7 +39,7 @@ class TaskwiseAdamW(torch.optim.Optimizer):
             some task of the step trained).
 
     Memory: two buffers per task and parameter, plus one for the step being gathered (AdamW
-    holds two per parameter).
+    holds two per parameter); checkpoints carry the moments only.
     """
 
     def __init__(
@@ -55,6 +55,11 @@ class TaskwiseAdamW(torch.optim.Optimizer):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"TaskwiseAdamW: betas must be in [0, 1), got {betas}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        # the step being gathered: a direction buffer per parameter (kept between steps, zero
+        # there, so not optimizer state that checkpoints would carry) and the parameters that
+        # some task trained since the last step
+        self._updates: dict[Tensor, Tensor] = {}
+        self._pending: set[Tensor] = set()
 
     def _task_moments(self, p: Tensor, task: str) -> dict[str, Any]:
         state = self.state[p]
@@ -69,9 +74,6 @@ class TaskwiseAdamW(torch.optim.Optimizer):
             }
         elif moments["step"].device != p.device:  # loaded from a checkpoint of another device
             moments["step"] = moments["step"].to(device=p.device, dtype=torch.float32)
-        if "update" not in state:
-            state["update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["pending"] = False
         return moments
 
     @torch.no_grad()
@@ -90,8 +92,13 @@ class TaskwiseAdamW(torch.optim.Optimizer):
             moments = [self._task_moments(p, task) for p in params]
             # torch's AdamW kernel on the step buffers instead of the parameters: with lr -1 and
             # no weight decay it adds the bias-corrected direction m / (sqrt(v) + eps) to them
+            for p in params:
+                if p not in self._updates:
+                    self._updates[p] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            updates = [self._updates[p] for p in params]
+            self._pending.update(params)
             adamw(
-                [self.state[p]["update"] for p in params],
+                updates,
                 [p.grad for p in params],
                 [m["exp_avg"] for m in moments],
                 [m["exp_avg_sq"] for m in moments],
@@ -107,7 +114,6 @@ class TaskwiseAdamW(torch.optim.Optimizer):
                 maximize=False,
             )
             for p in params:
-                self.state[p]["pending"] = True
                 p.grad = None
 
     @torch.no_grad()
@@ -120,16 +126,15 @@ class TaskwiseAdamW(torch.optim.Optimizer):
         if any(p.grad is not None for group in self.param_groups for p in group["params"]):
             self.accumulate(UNNAMED_TASK)
         for group in self.param_groups:
-            params = [p for p in group["params"] if self.state.get(p, {}).get("pending")]
+            params = [p for p in group["params"] if p in self._pending]
             if not params:
                 continue
-            updates = [self.state[p]["update"] for p in params]
+            updates = [self._updates[p] for p in params]
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
             torch._foreach_zero_(updates)
-            for p in params:
-                self.state[p]["pending"] = False
+        self._pending.clear()
         return loss
 
     def task_names(self) -> list[str]:
