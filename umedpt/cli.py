@@ -14,11 +14,14 @@ import difflib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Lightning's own use of a deprecated torch pytree API, printed once per run (nothing a user can change)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 import torch  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402

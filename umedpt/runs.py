@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -190,4 +191,12 @@ class PeriodicCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return type(self).__name__
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        # Lightning warns (with a page of example code) that a manually optimised module's periodic
+        # checkpoint holds the weights after the step: that is the state a resumed run continues
+        # from (step, weights, optimizer and loaders agree), so the warning is not shown
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
