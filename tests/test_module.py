@@ -144,7 +144,7 @@ def test_module_rejects_encoder_with_batchnorm(tasks):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"kind": "regression"}, "unknown kind 'regression'"),
+        ({"kind": "regression"}, "unknown task kind 'regression'"),
         ({"num_classes": 0}, "num_classes must be >= 1"),
         ({"name": "bad name"}, "task name 'bad name' is invalid"),
         ({"class_names": ["a"]}, "1 class_names given for num_classes=3"),
@@ -187,7 +187,7 @@ def test_head_defaults_apply_per_kind_and_task_head_args_win(tasks):
     )
     assert model.heads["ct_seg"].classifier.in_channels == 64  # the task's own head_args win
     assert model.heads["xr_det"].fcos.backbone.out_channels == 64
-    with pytest.raises(ValueError, match=r"head_defaults: unknown task kinds \['regression'\]"):
+    with pytest.raises(ValueError, match=r"head_defaults: unknown task kind 'regression'"):
         make_module(tasks, head_defaults={"regression": {}})
 
 

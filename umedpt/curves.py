@@ -16,15 +16,13 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from umedpt.kinds import BUILTIN_KINDS, get_kind
+
 __all__ = ["PRIMARY_METRIC", "LearningCurves", "smooth"]
 
-#: the validation metric plotted per task kind (``val/<task>/<metric>``)
-PRIMARY_METRIC: dict[str, str] = {
-    "classification": "auroc",
-    "multilabel": "auroc",
-    "segmentation": "dice",
-    "detection": "map_50",
-}
+#: the validation metric plotted per built-in task kind (``val/<task>/<metric>``; any kind's is
+#: ``umedpt.kinds.get_kind(kind).metric``)
+PRIMARY_METRIC: dict[str, str] = {name: get_kind(name).metric for name in BUILTIN_KINDS}
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -145,7 +143,7 @@ class LearningCurves(Callback):
         ax_loss.grid(alpha=0.3)
         plotted = False
         for name in names:
-            metric = PRIMARY_METRIC.get(kinds.get(name, ""), "")
+            metric = get_kind(kinds[name]).metric if name in kinds else ""
             key = f"val/{name}/{metric}"
             points = [(v["step"], v["metrics"][key]) for v in self.val if key in v["metrics"]]
             if points:

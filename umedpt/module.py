@@ -19,10 +19,11 @@ from umedpt.data.loading import task_subset
 from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
+from umedpt.kinds import get_kind
 from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
-from umedpt.tasks import TASK_KINDS, Task, as_task, check_unique
+from umedpt.tasks import Task, as_task, check_unique
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -147,11 +148,11 @@ class MultiTaskModule(LightningModule):
             raise ValueError(f"MultiTaskModule: the shared encoder contains BatchNorm layers {bn[:3]}")
         self.tasks: dict[str, Task] = {t.name: t for t in task_list}
         head_defaults = dict(head_defaults or {})
-        unknown = sorted(set(head_defaults) - set(TASK_KINDS))
-        if unknown:
-            raise ValueError(
-                f"head_defaults: unknown task kinds {unknown}; expected some of {list(TASK_KINDS)}"
-            )
+        for kind in head_defaults:
+            try:
+                get_kind(kind)
+            except (ValueError, ImportError, TypeError) as err:
+                raise type(err)(f"head_defaults: {err}") from err
         self.heads = nn.ModuleDict(
             {
                 t.name: t.build_head(

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from heads import DEFAULT_HEADS
 from heads.base import TaskHead
+from umedpt.kinds import BUILTIN_KINDS, TaskKind, get_kind
 
-TASK_KINDS: tuple[str, ...] = ("classification", "multilabel", "segmentation", "detection")
+#: short names of the built-in kinds (any registered kind or TaskKind class path is accepted)
+TASK_KINDS: tuple[str, ...] = BUILTIN_KINDS
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -21,7 +22,8 @@ class Task:
 
     Args:
         name: unique task name (letters, digits, ``_`` and ``-``); used in logs and module keys.
-        kind: ``classification``, ``multilabel``, ``segmentation`` or ``detection``.
+        kind: ``classification``, ``multilabel``, ``segmentation``, ``detection``, or the class
+            path of a :class:`umedpt.kinds.TaskKind` of your own.
         num_classes: number of classes (segmentation: including background).
         data: dataset spec ``{"class_path": ..., "init_args": {...}}``. The class is built once
             per split with an extra ``split=`` argument (``"train"``, ``"val"``, ``"test"``).
@@ -55,8 +57,10 @@ class Task:
                 f"task name {self.name!r} is invalid: use letters, digits, '_' and '-', starting with a letter"
             )
         where = f"task {self.name!r}"
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"{where}: unknown kind {self.kind!r}; expected one of {list(TASK_KINDS)}")
+        try:
+            get_kind(self.kind)
+        except (ValueError, ImportError, TypeError) as err:
+            raise type(err)(f"{where}: {err}") from err
         if self.num_classes < 1:
             raise ValueError(f"{where}: num_classes must be >= 1, got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -79,8 +83,13 @@ class Task:
             )
 
     @property
+    def task_kind(self) -> TaskKind:
+        """The :class:`~umedpt.kinds.TaskKind` that ``kind`` names."""
+        return get_kind(self.kind)
+
+    @property
     def head_class_path(self) -> str:
-        return self.head or DEFAULT_HEADS[self.kind]
+        return self.head or self.task_kind.default_head
 
     def build_head(
         self, in_channels: Sequence[int], reductions: Sequence[int], defaults: dict[str, Any] | None = None

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, TaskSubsetLoader, collate_cases
+from umedpt.kinds import same_kind
 from umedpt.tasks import Task, as_task, check_unique, import_class
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -131,8 +132,8 @@ class MultiTaskDataModule(LightningDataModule):
             errors.append(
                 f"task {task.name!r}: num_classes={task.num_classes} but its {split} dataset has {ds_classes} classes"
             )
-        ds_kind = getattr(dataset, "kind", task.kind)
-        if ds_kind != task.kind:
+        ds_kind = getattr(dataset, "kind", None)
+        if ds_kind is not None and not same_kind(ds_kind, task.kind):
             errors.append(f"task {task.name!r}: kind={task.kind!r} but its {split} dataset is {ds_kind!r}")
         if split == "train" and size < task.batch_size:
             errors.append(

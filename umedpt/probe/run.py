@@ -21,7 +21,7 @@ from umedpt.data.datamodule import SPLITS, MultiTaskDataModule
 from umedpt.encoder import SwinEncoder
 from umedpt.probe.encoders import ProbeError, load_encoders, random_encoder, weights_hash
 from umedpt.probe.features import FeatureCache, cached_features, check_channels
-from umedpt.probe.linear import C_GRID, PRIMARY_METRIC, evaluate, fit_linear_probe
+from umedpt.probe.linear import C_GRID, evaluate, fit_linear_probe
 from umedpt.probe.report import mean_std, summarise, write_report
 from umedpt.probe.subsets import check_fraction, check_labels, stratified_subset
 from umedpt.probe.train import TrainBudget, train_and_test
@@ -93,8 +93,8 @@ class ProbeSettings:
         if self.mode not in ("linear", "finetune"):
             raise ProbeError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
         for task in self.tasks:
-            if task.kind == "detection":
-                raise ProbeError(f"task {task.name!r}: detection tasks cannot be probed (use fit)")
+            if task.task_kind.probe_metric is None:
+                raise ProbeError(f"task {task.name!r}: {task.kind} tasks cannot be probed (use fit)")
             if task.num_classes < 2:
                 raise ProbeError(f"task {task.name!r} has 1 class; a probe needs at least 2 classes")
         if self.device == "auto":
@@ -134,7 +134,7 @@ def _method(task: Task, settings: ProbeSettings) -> tuple[str, str]:
     """Short name and description of how ``task`` is evaluated."""
     if settings.mode == "finetune":
         return "fine-tuning", f"encoder and head trained end to end, {settings.finetune.steps} steps"
-    if task.kind == "segmentation":
+    if task.task_kind.dense:
         budget = settings.segmentation
         return (
             "segmentation probe",
@@ -161,7 +161,7 @@ class _TaskProbe:
         sizes = ", ".join(f"{split} {len(self.datasets[split])}" for split in SPLITS)
         self.say(f"task {task.name}: {sizes} images ({time.perf_counter() - start:.1f} s)")
         check_channels(encoders, task.name, int(self.datasets["train"][0]["image"].shape[0]))
-        self.linear = settings.mode == "linear" and task.kind != "segmentation"
+        self.linear = settings.mode == "linear" and not task.task_kind.dense
         self.features: dict[str, dict[str, Any]] = {}
         self.fitted: dict[tuple[str, bytes], dict[str, Any]] = {}  # linear probes are deterministic
         self.labels: np.ndarray | None = None
@@ -248,7 +248,7 @@ class _TaskProbe:
             )
             runs.append({"seed": seed, "metrics": metrics})
         self.timing["scratch_s"] += time.perf_counter() - start
-        metric = PRIMARY_METRIC[self.task.kind]
+        metric = self.task.task_kind.probe_metric
         return {
             **mean_std([r["metrics"][metric] for r in runs]),
             "budget": dataclasses.asdict(budget),
@@ -257,7 +257,7 @@ class _TaskProbe:
 
     def run(self) -> dict[str, Any]:
         """All runs of the task and their summary (the task's entry of ``report.json``)."""
-        if self.task.kind != "segmentation":  # labels for stratification, features for linear probes
+        if not self.task.task_kind.dense:  # labels for stratification, features for linear probes
             self._extract()
         start = time.perf_counter()
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in self.encoders}
@@ -279,7 +279,7 @@ class _TaskProbe:
         bar.close()
         self.timing["probes_s"] += time.perf_counter() - start
         self.say(f"task {self.task.name}: {jobs} probes in {self.timing['probes_s']:.1f} s")
-        metric = PRIMARY_METRIC[self.task.kind]
+        metric = self.task.task_kind.probe_metric
         method, detail = _method(self.task, self.s)
         return {
             "kind": self.task.kind,
