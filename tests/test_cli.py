@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,21 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(tmp_path):
     # asked for: the checkpoint's model configuration is used
     resumed = _fit(tmp_path, *wider, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2", "--use_checkpoint_model", "true")
     assert resumed.model.encoder.config["model_kwargs"]["embed_dim"] == 16 and resumed.trainer.global_step == 4
+
+
+
+def test_a_fit_s_console_shows_no_lightning_internal_warnings(tmp_path):
+    """What a user sees of a fit with periodic checkpoints: not Lightning's page of example code
+    about manually optimised checkpoints, nor its deprecated-pytree notice."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "umedpt", "fit", "-c", str(CONF), "--trainer.default_root_dir", str(tmp_path),
+         "--checkpoint_every", "1", "--trainer.max_steps", "2", "--trainer.max_epochs", "-1",
+         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+    )
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    console = proc.stdout + proc.stderr
+    assert "manual optimization" not in console and "LeafSpec" not in console, console[-3000:]
