@@ -76,6 +76,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from umedpt.kinds import get_kind
+
 __all__ = [
     "COUNT_BIN_EDGES",
     "GRADE_NAMES",
@@ -923,19 +925,11 @@ class SyntheticTaskDataset(Dataset):
         image = scene.image
         if self.channels == 1:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
-        case: dict[str, Any] = {
-            "image": torch.from_numpy(np.ascontiguousarray(((image - 0.5) * 4.0).transpose(2, 0, 1)))
-        }
-        if self.kind == "segmentation":
-            case["mask"] = torch.from_numpy(scene.mask)
-        elif self.kind == "detection":
-            case["boxes"] = torch.from_numpy(scene.boxes)
-            case["box_labels"] = torch.from_numpy(scene.box_labels)
-        elif self.kind == "multilabel":
-            case["label"] = torch.from_numpy(scene.labels["objects"])
-        else:
-            case["label"] = scene.labels[self.family]
-        return case
+        image = torch.from_numpy(np.ascontiguousarray(((image - 0.5) * 4.0).transpose(2, 0, 1)))
+        targets = get_kind(self.kind).case_targets(
+            label=scene.labels.get(self.family), mask=scene.mask, boxes=scene.boxes, box_labels=scene.box_labels
+        )
+        return {"image": image, **targets}
 
 
 def _benchmark(sizes: tuple[int, ...] = (64, 224), seconds: float = 1.0) -> None:

@@ -19,7 +19,9 @@ its short name, and a task names it by class path without any registration::
 from __future__ import annotations
 
 import importlib
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+import torch
 
 __all__ = ["TaskKind", "get_kind", "kind_names", "register_kind", "same_kind"]
 
@@ -51,6 +53,15 @@ class TaskKind:
     list_keys: ClassVar[tuple[str, ...]] = ()
     probe_metric: ClassVar[str | None] = None
     dense: ClassVar[bool] = False
+
+    def case_targets(self, **values: Any) -> dict[str, Any]:
+        """The target entries of one case dict from a sample's annotation values (NumPy arrays,
+        numbers or tensors, by target key): what every dataset of this kind returns beside
+        ``image``. This default makes each of :attr:`target_keys` a tensor."""
+        missing = [key for key in self.target_keys if key not in values]
+        if missing:
+            raise KeyError(f"{self.name} case: missing target(s) {missing}; expected {list(self.target_keys)}")
+        return {key: torch.as_tensor(values[key]) for key in self.target_keys}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from umedpt.kinds.base import TaskKind, register_kind
 
 __all__ = ["Classification", "Detection", "MultiLabel", "Segmentation"]
@@ -17,6 +21,10 @@ class Classification(TaskKind):
     target_keys = ("label",)
     probe_metric = "accuracy"
 
+    def case_targets(self, *, label: Any, **_: Any) -> dict[str, Any]:
+        """``label`` as a Python int (collated to a long tensor)."""
+        return {"label": int(label)}
+
 
 @register_kind
 class MultiLabel(TaskKind):
@@ -27,6 +35,10 @@ class MultiLabel(TaskKind):
     metric = "auroc"
     target_keys = ("label",)
     probe_metric = "auroc"
+
+    def case_targets(self, *, label: Any, **_: Any) -> dict[str, Any]:
+        """``label`` as a float32 0/1 vector."""
+        return {"label": torch.as_tensor(label, dtype=torch.float32)}
 
 
 @register_kind
@@ -40,6 +52,10 @@ class Segmentation(TaskKind):
     probe_metric = "dice"
     dense = True
 
+    def case_targets(self, *, mask: Any, **_: Any) -> dict[str, Any]:
+        """``mask`` as an int64 (H, W) tensor of class indices."""
+        return {"mask": torch.as_tensor(mask, dtype=torch.int64)}
+
 
 @register_kind
 class Detection(TaskKind):
@@ -51,3 +67,10 @@ class Detection(TaskKind):
     target_keys = ("boxes", "box_labels")
     list_keys = ("boxes", "box_labels")
     dense = True
+
+    def case_targets(self, *, boxes: Any, box_labels: Any, **_: Any) -> dict[str, Any]:
+        """``boxes`` as float32 (n, 4) and ``box_labels`` as int64 (n,)."""
+        return {
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "box_labels": torch.as_tensor(box_labels, dtype=torch.int64).reshape(-1),
+        }

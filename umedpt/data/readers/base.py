@@ -33,6 +33,7 @@ from umedpt.data.normalize import Normalization, NormalizationSpec
 from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, read_image
 from umedpt.data.readers.problems import DataError, Problem, errors_only
 from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
+from umedpt.kinds import BUILTIN_KINDS, get_kind
 
 __all__ = [
     "BOX_TOLERANCE", "KINDS", "NONFINITE", "FileDataset", "Item", "ItemReport", "Kind", "NonFinite", "Sample",
@@ -40,7 +41,8 @@ __all__ = [
 ]
 
 Kind = Literal["classification", "multilabel", "segmentation", "detection"]
-KINDS: tuple[str, ...] = ("classification", "multilabel", "segmentation", "detection")
+#: the kinds file readers read (their labels, masks and boxes; a kind of your own brings its dataset)
+KINDS: tuple[str, ...] = BUILTIN_KINDS
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: what a reader does with NaN and Inf pixels: ``error`` (the sample is refused, naming the file)
 #: or ``zero`` (they become 0 before normalisation, and the data checker warns)
@@ -360,18 +362,14 @@ class FileDataset(Dataset):
         if image.shape[-1] != self.channels:
             image = np.repeat(image, self.channels, axis=-1)
         image = self.normalization.standardize(image)
-        case: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
-        if self.kind == "segmentation":
+        targets: dict[str, Any] = {"label": item.label}
+        if out.get("mask") is not None:
             m = out["mask"].astype(np.int64)
-            case["mask"] = torch.from_numpy(np.where(m == MASK_FILL, self.ignore_index, m))
-        elif self.kind == "detection":
-            case["boxes"] = torch.from_numpy(out["boxes"])
-            case["box_labels"] = torch.from_numpy(out["box_labels"])
-        elif self.kind == "multilabel":
-            case["label"] = torch.as_tensor(item.label, dtype=torch.float32)
-        else:
-            case["label"] = int(item.label)
-        return case
+            targets["mask"] = np.where(m == MASK_FILL, self.ignore_index, m)
+        if out.get("boxes") is not None:
+            targets.update(boxes=out["boxes"], box_labels=out["box_labels"])
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return {"image": image, **get_kind(self.kind).case_targets(**targets)}
 
     def _to_channels(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 1) or (H, W, 3): alpha dropped, colour turned to luminance for 1-channel tasks."""
