@@ -180,7 +180,7 @@ class MultiTaskModule(LightningModule):
         if self._aggregator is not None and moments == "per_task":
             raise ValueError(
                 "aggregator and moments='per_task' both decide how the tasks share the encoder's step; "
-                "use one of them"
+                "use one of them (configs/quick.yaml sets moments: per_task: add --model.moments shared)"
             )
         if not isinstance(aggregator, (str, dict)):  # a callable: recorded by its (class's) name
             named = aggregator if hasattr(aggregator, "__qualname__") else type(aggregator)
