@@ -242,7 +242,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(tmp_path):
 
 def test_a_fit_s_console_shows_no_lightning_internal_warnings(tmp_path):
     """What a user sees of a fit with periodic checkpoints: not Lightning's page of example code
-    about manually optimised checkpoints, nor its deprecated-pytree notice."""
+    about manually optimised checkpoints, its deprecated-pytree notice or its cloud-logging tip."""
     import subprocess
     import sys
 
@@ -255,3 +255,4 @@ def test_a_fit_s_console_shows_no_lightning_internal_warnings(tmp_path):
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
     console = proc.stdout + proc.stderr
     assert "manual optimization" not in console and "LeafSpec" not in console, console[-3000:]
+    assert "Tip:" not in console and "GPU available" in console  # Lightning's other lines stay

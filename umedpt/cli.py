@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -43,6 +44,16 @@ from umedpt.runs import (  # noqa: E402
     run_of_checkpoint,
     unreadable_checkpoint,
 )
+
+
+class _WithoutTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines (advertisements of cloud services, printed on every fit)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_WithoutTips())
 
 #: command name -> "module:function"; the function takes the remaining arguments, returns an exit code.
 COMMANDS: dict[str, str] = {
