@@ -49,6 +49,7 @@ from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, collat
 from umedpt.data.readers import read_image
 from umedpt.data.readers.problems import did_you_mean
 from umedpt.device import batch_to_device
+from umedpt.kinds import BUILTIN_KINDS, get_kind
 from umedpt.tasks import Task, as_task
 
 __all__ = [
@@ -71,13 +72,8 @@ __all__ = [
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-#: annotation fields of each task kind
-KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "classification": ("label",),
-    "multilabel": ("labels",),
-    "segmentation": ("mask",),
-    "detection": ("boxes", "box_labels"),
-}
+#: annotation fields of each built-in task kind (``umedpt.kinds.TaskKind.annotation_fields``)
+KIND_FIELDS: dict[str, tuple[str, ...]] = {name: get_kind(name).annotation_fields for name in BUILTIN_KINDS}
 #: per-sample flags of image-centric task batches: the image has this task's annotation / it is pseudo
 FLAG_KEYS: tuple[str, ...] = ("present", "pseudo")
 _RECORD_FIELDS = ("image", "split", "id", "text", "annotations")
@@ -312,10 +308,10 @@ def _parse_record(raw: dict[str, Any], where: str, tasks: dict[str, Task]) -> Im
 def _parse_annotation(value: Any, where: str, task: Task | None) -> Annotation:
     """Validate one annotation; ``where`` ends in an open quote that the field name closes."""
     if not isinstance(value, dict):
-        short = {"classification": "label", "multilabel": "labels", "segmentation": "mask"}
-        if task is None or task.kind not in short:
+        single = task.task_kind.annotation_fields if task is not None else ()
+        if len(single) != 1:
             raise ManifestError(f'{where}\': expected an object such as {{"label": 1}}, got {value!r}')
-        value = {short[task.kind]: value}
+        value = {single[0]: value}
     names = {f.name for f in fields(Annotation)}
     unknown = sorted(set(value) - names)
     if unknown:

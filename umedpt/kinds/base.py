@@ -44,6 +44,9 @@ class TaskKind:
             probes do not support the kind.
         dense: targets are per pixel (a probe then trains a decoder on the frozen encoder rather
             than a linear model on pooled features).
+        annotation_fields: the fields of an IMAX manifest annotation of this kind
+            (:class:`umedpt.data.imax.Annotation`); a kind with one field also accepts the bare
+            value (``"xr_grade": 2`` for ``{"label": 2}``).
     """
 
     name: ClassVar[str] = ""
@@ -53,6 +56,7 @@ class TaskKind:
     list_keys: ClassVar[tuple[str, ...]] = ()
     probe_metric: ClassVar[str | None] = None
     dense: ClassVar[bool] = False
+    annotation_fields: ClassVar[tuple[str, ...]] = ()
 
     def case_targets(self, **values: Any) -> dict[str, Any]:
         """The target entries of one case dict from a sample's annotation values (NumPy arrays,

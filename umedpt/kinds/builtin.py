@@ -20,6 +20,7 @@ class Classification(TaskKind):
     metric = "auroc"
     target_keys = ("label",)
     probe_metric = "accuracy"
+    annotation_fields = ("label",)
 
     def case_targets(self, *, label: Any, **_: Any) -> dict[str, Any]:
         """``label`` as a Python int (collated to a long tensor)."""
@@ -35,6 +36,7 @@ class MultiLabel(TaskKind):
     metric = "auroc"
     target_keys = ("label",)
     probe_metric = "auroc"
+    annotation_fields = ("labels",)
 
     def case_targets(self, *, label: Any, **_: Any) -> dict[str, Any]:
         """``label`` as a float32 0/1 vector."""
@@ -51,6 +53,7 @@ class Segmentation(TaskKind):
     target_keys = ("mask",)
     probe_metric = "dice"
     dense = True
+    annotation_fields = ("mask",)
 
     def case_targets(self, *, mask: Any, **_: Any) -> dict[str, Any]:
         """``mask`` as an int64 (H, W) tensor of class indices."""
@@ -67,6 +70,7 @@ class Detection(TaskKind):
     target_keys = ("boxes", "box_labels")
     list_keys = ("boxes", "box_labels")
     dense = True
+    annotation_fields = ("boxes", "box_labels")
 
     def case_targets(self, *, boxes: Any, box_labels: Any, **_: Any) -> dict[str, Any]:
         """``boxes`` as float32 (n, 4) and ``box_labels`` as int64 (n,)."""
