@@ -207,3 +207,31 @@ def test_same_kind_matches_a_name_and_its_class_path():
     assert same_kind("tests.test_kinds.Regression", Regression)
     assert not same_kind("segmentation", "detection")
     assert not same_kind("regresion", "regression")
+
+
+def test_builtin_kinds_check_declared_targets_and_count_classes():
+    cls, multi, seg, det = (get_kind(k) for k in BUILTIN_KINDS)
+    assert cls.target_problems({"label": 2}, 3) == []
+    assert cls.target_problems({"label": "2"}, 3) == [("label", "'2' is not a class index")]
+    assert cls.target_problems({"label": True}, 3) == [("label", "True is not a class index")]
+    assert cls.target_problems({"label": 3}, 3) == [("label", "3 is out of range 0..2")]
+    assert cls.class_counts({"label": 1}, 3).tolist() == [0, 1, 0]
+    assert cls.class_counts({"label": 5}, 3) is None
+    assert multi.target_problems({"label": [1, 0.5, 0]}, 3, ["a", "b", "c"]) == [
+        ("label", "multi-label values must be 0 or 1, got {'b': 0.5}")
+    ]
+    assert multi.target_problems({"label": [1, 0]}, 3)[0][1] == "has shape (2,), expected (3,)"
+    assert multi.class_counts({"label": [1, 0, 1]}, 3).tolist() == [1, 0, 1]
+    assert seg.target_problems({"mask": None}, 2) == [("mask", "no mask for this image")]
+    assert seg.target_problems({"mask": "m.png"}, 2) == [] and seg.class_counts({"mask": "m.png"}, 2) is None
+    boxes = [[0, 0, 4, 4], [2, 2, 2, 5], [0, 0, float("nan"), 1], [0, 0, 12, 5]]
+    found = det.target_problems({"boxes": boxes, "box_labels": [0, 1, 1, 7]}, 2, size=(10, 10), what="image")
+    assert found == [
+        ("boxes", "box 1 is degenerate (xyxy [2.0, 2.0, 2.0, 5.0]: zero or negative size)"),
+        ("boxes", "box 2 has non-finite coordinates [0.0, 0.0, nan, 1.0]"),
+        ("boxes", "box 3 (xyxy [0.0, 0.0, 12.0, 5.0]) lies outside the image (10x10)"),
+        ("box_labels", "box 3 has label 7, out of range 0..1"),
+    ]
+    # within the tolerance of annotation tools, and no size given: no problem
+    assert det.target_problems({"boxes": [[0, 0, 10.5, 10]], "box_labels": [1]}, 2, size=(10, 10)) == []
+    assert det.class_counts({"boxes": boxes, "box_labels": [0, 1, 1, 7]}, 2).tolist() == [1, 2]

@@ -19,8 +19,10 @@ its short name, and a task names it by class path without any registration::
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 __all__ = ["TaskKind", "get_kind", "kind_names", "register_kind", "same_kind"]
@@ -66,6 +68,32 @@ class TaskKind:
         if missing:
             raise KeyError(f"{self.name} case: missing target(s) {missing}; expected {list(self.target_keys)}")
         return {key: torch.as_tensor(values[key]) for key in self.target_keys}
+
+    def target_problems(
+        self,
+        targets: Mapping[str, Any],
+        num_classes: int,
+        class_names: Sequence[str] = (),
+        size: tuple[int, int] | None = None,
+        what: str = "image",
+        names: Sequence[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """``(field, message)`` for each problem of one sample's declared targets, found without
+        reading pixels: labels out of range, a missing mask, degenerate boxes.
+
+        Args:
+            targets: the sample's declared targets by key (``label``, ``mask`` (a path),
+                ``boxes``, ``box_labels``).
+            num_classes: the task's class count; ``class_names`` name them in messages.
+            size: ``(height, width)`` the boxes must lie in (``None``: not checked); ``what``
+                names that size in messages, ``names`` the boxes (default ``box 0``, ...).
+        """
+        return []
+
+    def class_counts(self, targets: Mapping[str, Any], num_classes: int) -> np.ndarray | None:
+        """Per-class counts of one sample known without reading pixels (the data checker's class
+        balance), or ``None`` (unknown before decoding, or targets that are not valid)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

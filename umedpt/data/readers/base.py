@@ -34,6 +34,7 @@ from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, rea
 from umedpt.data.readers.problems import DataError, Problem, errors_only
 from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
 from umedpt.kinds import BUILTIN_KINDS, get_kind
+from umedpt.kinds.builtin import BOX_TOLERANCE
 
 __all__ = [
     "BOX_TOLERANCE", "KINDS", "NONFINITE", "FileDataset", "Item", "ItemReport", "Kind", "NonFinite", "Sample",
@@ -50,8 +51,6 @@ NonFinite = Literal["error", "zero"]
 NONFINITE: tuple[str, ...] = ("error", "zero")
 #: message of a problem for a file that does not exist
 MISSING = "file not found"
-#: boxes may exceed the image by this many pixels (rounding in annotation tools); they are clipped
-BOX_TOLERANCE = 1.0
 
 
 @dataclass
@@ -392,17 +391,22 @@ class FileDataset(Dataset):
                 if path is not None and not Path(path).is_file():
                     problems.append(Problem(path, fld, MISSING, index=i))
         problems += [Problem(where, fld, message, index=i) for fld, message in item.invalid]
-        if item.invalid and self.kind in ("classification", "multilabel"):
+        kind = get_kind(self.kind)
+        if item.invalid and "label" in kind.target_keys:
             return problems  # the label could not be parsed
-        if self.kind == "classification":
-            problems += self._label_problems(where, item.label, i)
-        elif self.kind == "multilabel":
-            problems += self._multilabel_problems(where, item.label, i)
-        elif self.kind == "segmentation" and item.mask is None:
-            problems.append(Problem(where, "mask", "no mask for this image", index=i))
-        elif self.kind == "detection":
-            problems += self._box_problems(i, item.size, "image size the annotations declare")
-        return problems
+        return problems + self._target_problems(i, item.size, "image size the annotations declare")
+
+    def _target_problems(self, i: int, size: tuple[int, int] | None, what: str) -> list[Problem]:
+        """The kind's problems with sample ``i``'s declared targets (boxes checked against ``size``)."""
+        item = self.items[i]
+        found = get_kind(self.kind).target_problems(
+            self._declared_targets(item), self.num_classes, self.class_names, size, what, item.box_ids
+        )
+        return [Problem(item.where or item.image, fld, message, index=i) for fld, message in found]
+
+    @staticmethod
+    def _declared_targets(item: Item) -> dict[str, Any]:
+        return {"label": item.label, "mask": item.mask, "boxes": item.boxes, "box_labels": item.box_labels}
 
     def sample_problems(self, i: int, sample: Sample) -> list[Problem]:
         """Problems of sample ``i`` that need its pixels: mask size and values, boxes inside the image."""
@@ -426,59 +430,13 @@ class FileDataset(Dataset):
                         f"nor ignore_index={self.ignore_index}", index=i,
                     )
                 )
-        if self.kind == "detection" and item.size != (h, w):  # declared sizes are checked without pixels
+        if "boxes" in get_kind(self.kind).target_keys and item.size != (h, w):  # declared sizes are checked without pixels
             if item.size is not None:
                 problems.append(
                     Problem(item.where or item.image, "size", f"annotations declare {item.size[0]}x{item.size[1]} "
                             f"but {item.image} is {h}x{w}", index=i)
                 )
-            problems += self._box_problems(i, (h, w), "image")
-        return problems
-
-    def _label_problems(self, where: str, label: Any, i: int) -> list[Problem]:
-        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
-            return [Problem(where, "label", f"{label!r} is not a class index", index=i)]
-        if not 0 <= label < self.num_classes:
-            return [Problem(where, "label", f"{label} is out of range 0..{self.num_classes - 1}", index=i)]
-        return []
-
-    def _multilabel_problems(self, where: str, label: Any, i: int) -> list[Problem]:
-        vector = np.asarray(label)
-        if vector.shape != (self.num_classes,):
-            return [Problem(where, "label", f"has shape {vector.shape}, expected ({self.num_classes},)", index=i)]
-        bad = {self.class_names[k]: float(vector[k]) for k in np.flatnonzero(~np.isin(vector, (0, 1)))}
-        if bad:
-            return [Problem(where, "label", f"multi-label values must be 0 or 1, got {bad}", index=i)]
-        return []
-
-    def _box_problems(self, i: int, size: tuple[int, int] | None, what: str) -> list[Problem]:
-        item = self.items[i]
-        where = item.where or item.image
-        boxes = np.asarray(item.boxes, dtype=np.float64).reshape(-1, 4)
-        labels = np.asarray(item.box_labels).reshape(-1)
-        names = item.box_ids or [f"box {k}" for k in range(len(boxes))]
-        problems = []
-        for box, label, name in zip(boxes, labels, names, strict=True):
-            if not np.isfinite(box).all():
-                problems.append(Problem(where, "boxes", f"{name} has non-finite coordinates {box.tolist()}", index=i))
-            elif box[2] <= box[0] or box[3] <= box[1]:
-                problems.append(
-                    Problem(where, "boxes", f"{name} is degenerate (xyxy {box.tolist()}: zero or negative size)", index=i)
-                )
-            elif size is not None and (
-                min(box[0], box[1]) < -BOX_TOLERANCE
-                or box[2] > size[1] + BOX_TOLERANCE
-                or box[3] > size[0] + BOX_TOLERANCE
-            ):
-                problems.append(
-                    Problem(where, "boxes", f"{name} (xyxy {box.tolist()}) lies outside the {what} "
-                            f"({size[0]}x{size[1]})", index=i)
-                )
-            if not 0 <= int(label) < self.num_classes:
-                problems.append(
-                    Problem(where, "box_labels", f"{name} has label {int(label)}, out of range "
-                            f"0..{self.num_classes - 1}", index=i)
-                )
+            problems += self._target_problems(i, (h, w), "image")
         return problems
 
     def inspect(self, i: int) -> ItemReport:
@@ -510,17 +468,10 @@ class FileDataset(Dataset):
         1/0 per class for (multi-)labels, boxes per class for detection; None for segmentation
         (masks must be decoded) or a label that is not valid.
         """
-        item, c = self.items[i], self.num_classes
-        if item.invalid and self.kind in ("classification", "multilabel"):
+        item, kind = self.items[i], get_kind(self.kind)
+        if item.invalid and "label" in kind.target_keys:
             return None
-        if self.kind == "classification" and not self._label_problems("", item.label, i):
-            return np.bincount([int(item.label)], minlength=c)
-        if self.kind == "multilabel" and not self._multilabel_problems("", item.label, i):
-            return np.asarray(item.label, dtype=np.int64)
-        if self.kind == "detection":
-            labels = np.asarray(item.box_labels, dtype=np.int64).reshape(-1)
-            return np.bincount(labels[(labels >= 0) & (labels < c)], minlength=c)
-        return None
+        return kind.class_counts(self._declared_targets(item), self.num_classes)
 
     def problems(self, deep: bool = False) -> list[Problem]:
         """All problems of the split: from the declarations only, or (``deep``) decoding every sample."""
