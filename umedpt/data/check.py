@@ -26,6 +26,7 @@ import numpy as np
 
 from umedpt.data.readers.base import SPLITS, FileDataset
 from umedpt.data.readers.problems import Problem
+from umedpt.kinds import get_kind
 from umedpt.tasks import Task, as_task
 
 __all__ = ["SplitSummary", "TaskReport", "check_task", "load_tasks", "main"]
@@ -153,6 +154,7 @@ def _inspect_split(dataset: FileDataset, split: str, report: TaskReport, deep: b
     bar = progress.add_task(f"{report.name} {split}", total=len(dataset))
     for problem in dataset.notes:
         report.add(split, problem)
+    has_boxes = "boxes" in get_kind(dataset.kind).target_keys
     for i in range(len(dataset)):
         item = dataset.inspect(i) if deep else None
         problems = item.problems if item is not None else dataset.entry_problems(i)
@@ -161,7 +163,7 @@ def _inspect_split(dataset: FileDataset, split: str, report: TaskReport, deep: b
         class_counts = item.class_counts if item is not None else dataset.declared_counts(i)
         if class_counts is not None:
             counts += class_counts
-        if dataset.kind == "detection" and len(dataset.items[i].box_labels) == 0:
+        if has_boxes and len(dataset.items[i].box_labels) == 0:
             summary.no_boxes += 1
         if item is not None and item.shape is not None:
             summary.sizes[f"{item.shape[0]}x{item.shape[1]}"] += 1
@@ -216,7 +218,7 @@ def check_task(task: Task, dataset_defaults: dict[str, Any], splits: Sequence[st
     if len({json.dumps(m, sort_keys=True) for m in mappings.values()}) > 1:
         report.add(None, Problem(reader, "categories", f"category ids map to different labels per split: {mappings}"))
     train = report.splits.get("train")
-    if train is not None and train.class_counts is not None and task.kind != "segmentation":
+    if train is not None and train.class_counts is not None and not task.task_kind.dense:
         absent = [report.class_names[c] if c < len(report.class_names) else str(c)
                   for c, n in enumerate(train.class_counts) if n == 0]
         if absent:
@@ -262,9 +264,8 @@ def _print_task_details(console: Any, report: TaskReport, max_problems: int) -> 
 
     summaries = {s: v for s, v in report.splits.items() if v.class_counts is not None}
     if summaries:
-        unit = {"classification": "samples", "multilabel": "positives", "segmentation": "pixels",
-                "detection": "boxes"}[report.kind]
-        balance = Table(title=f"{report.name}: class balance ({unit})")
+        kind = get_kind(report.kind)
+        balance = Table(title=f"{report.name}: class balance ({kind.count_unit})")
         balance.add_column("class")
         for split in summaries:
             balance.add_column(split, justify="right")
@@ -272,7 +273,7 @@ def _print_task_details(console: Any, report: TaskReport, max_problems: int) -> 
             name = report.class_names[c] if c < len(report.class_names) else str(c)
             counts = [v.class_counts[c] if c < len(v.class_counts) else 0 for v in summaries.values()]
             balance.add_row(f"{c}: {name}", *(str(n) for n in counts))
-        if report.kind == "detection":
+        if "boxes" in kind.target_keys:
             balance.add_row("images without boxes", *(str(v.no_boxes) for v in summaries.values()))
         console.print(balance)
     mapping = next((i.get("category_mapping") for i in report.info.values() if i.get("category_mapping")), None)

@@ -46,6 +46,8 @@ class TaskKind:
             probes do not support the kind.
         dense: targets are per pixel (a probe then trains a decoder on the frozen encoder rather
             than a linear model on pooled features).
+        count_unit: what the data checker's class balance counts per class (``samples``,
+            ``positives``, ``pixels``, ``boxes``).
         annotation_fields: the fields of an IMAX manifest annotation of this kind
             (:class:`umedpt.data.imax.Annotation`); a kind with one field also accepts the bare
             value (``"xr_grade": 2`` for ``{"label": 2}``).
@@ -58,6 +60,7 @@ class TaskKind:
     list_keys: ClassVar[tuple[str, ...]] = ()
     probe_metric: ClassVar[str | None] = None
     dense: ClassVar[bool] = False
+    count_unit: ClassVar[str] = "samples"
     annotation_fields: ClassVar[tuple[str, ...]] = ()
 
     def case_targets(self, **values: Any) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class MultiLabel(TaskKind):
     target_keys = ("label",)
     probe_metric = "auroc"
     annotation_fields = ("labels",)
+    count_unit = "positives"
 
     def case_targets(self, *, label: Any, **_: Any) -> dict[str, Any]:
         """``label`` as a float32 0/1 vector."""
@@ -91,6 +92,7 @@ class Segmentation(TaskKind):
     probe_metric = "dice"
     dense = True
     annotation_fields = ("mask",)
+    count_unit = "pixels"
 
     def case_targets(self, *, mask: Any, **_: Any) -> dict[str, Any]:
         """``mask`` as an int64 (H, W) tensor of class indices."""
@@ -110,7 +112,7 @@ class Detection(TaskKind):
     metric = "map_50"
     target_keys = ("boxes", "box_labels")
     list_keys = ("boxes", "box_labels")
-    dense = True
+    count_unit = "boxes"
     annotation_fields = ("boxes", "box_labels")
 
     def case_targets(self, *, boxes: Any, box_labels: Any, **_: Any) -> dict[str, Any]:

@@ -178,11 +178,11 @@ class FileDataset(Dataset):
         self.image_size = image_size
         self.ignore_index = ignore_index
         self.normalization = Normalization.from_spec(normalize)
+        boxes = "boxes" in get_kind(kind).target_keys
         #: pipeline per channel count of the stored image: grey images are augmented as grey
         #: (no colour jitter) and repeated to ``channels`` afterwards, which is also cheaper
         self.transforms = {
-            c: CaseTransform(transform, image_size, train=split == "train", boxes=kind == "detection",
-                             resize=resize, channels=c)
+            c: CaseTransform(transform, image_size, train=split == "train", boxes=boxes, resize=resize, channels=c)
             for c in (1, 3)
         }
         self.items: list[Item] = []
@@ -283,7 +283,7 @@ class FileDataset(Dataset):
         image, meta = self.read(i)
         image, problems = self.finite_image(i, image)
         mask = None
-        if self.kind == "segmentation":
+        if "mask" in get_kind(self.kind).target_keys:
             stored = self.read_mask(i)
             where = self.mask_source(i)
             if stored.ndim == 3 and (stored == stored[..., :1]).all():
