@@ -7,7 +7,7 @@ Four tasks (grade, objects, segmentation, detection) and ``--per-task`` real lab
 ``imax``          the first ``per_task`` of those images carry all four labels; image-centric
                   batches, one encoder pass per step.
 ``pseudo_imax``   the paper's three stages: (1) the ``dmax`` model; (2) its heads label the
-                  other tasks' images (:func:`umedpt.data.pseudo.pseudo_label`, default
+                  other tasks' images (:func:`umedpt.commands.pseudo.pseudo_label`, default
                   thresholds); (3) a fresh model trains image-centrically on real + pseudo labels
                   (``--pseudo-weight``).
 
@@ -42,6 +42,7 @@ import torch
 from common import device_name, load_recipe, markdown_table, write_result
 
 from umedpt import SwinEncoder
+from umedpt.commands.pseudo import Thresholds, pseudo_label
 from umedpt.data.imax import (
     ImageCentricDataModule,
     ImageRecord,
@@ -53,7 +54,6 @@ from umedpt.data.imax import (
     write_manifest,
     write_synthetic_world,
 )
-from umedpt.data.pseudo import Thresholds, pseudo_label
 from umedpt.data.readers import read_image
 from umedpt.image_centric import ImageCentricModule
 

@@ -12,6 +12,7 @@ from lightning import Trainer
 
 from tests.test_imax import NAMES, make_module, make_world, tiny_tasks
 from umedpt.cli import main
+from umedpt.commands.pseudo import Thresholds, pseudo_label
 from umedpt.data.imax import (
     ImageCentricDataModule,
     annotation_counts,
@@ -19,7 +20,6 @@ from umedpt.data.imax import (
     read_manifest,
     write_manifest,
 )
-from umedpt.data.pseudo import Thresholds, pseudo_label
 from umedpt.data.readers import read_image
 
 

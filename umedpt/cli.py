@@ -59,7 +59,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_WithoutTip
 COMMANDS: dict[str, str] = {
     "probe": "umedpt.probe:main",
     "data": "umedpt.data.check:main",
-    "pseudo-label": "umedpt.data.pseudo:main",
+    "pseudo-label": "umedpt.commands.pseudo:main",
     "mllm-evaluate": "umedpt.mllm.evaluate:main",
 }
 
