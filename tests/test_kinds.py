@@ -235,3 +235,13 @@ def test_builtin_kinds_check_declared_targets_and_count_classes():
     # within the tolerance of annotation tools, and no size given: no problem
     assert det.target_problems({"boxes": [[0, 0, 10.5, 10]], "box_labels": [1]}, 2, size=(10, 10)) == []
     assert det.class_counts({"boxes": boxes, "box_labels": [0, 1, 1, 7]}, 2).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["tests.test_kinds.Regression", "detection"])
+def test_probes_refuse_the_kinds_they_cannot_evaluate(kind):
+    from umedpt.probe.encoders import ProbeError
+    from umedpt.probe.run import ProbeSettings
+
+    with pytest.raises(ProbeError, match=r"cannot be probed \(use fit\); probes take classification, multilabel, segmentation tasks"):
+        ProbeSettings(encoders={"random": "random"}, tasks=[Task(name="t", kind=kind, num_classes=2)])
+    ProbeSettings(encoders={"random": "random"}, tasks=[Task(name="t", kind="umedpt.kinds.Segmentation", num_classes=2)])

@@ -19,9 +19,10 @@ from torch.utils.data import Dataset
 import umedpt
 from umedpt.data.datamodule import SPLITS, MultiTaskDataModule
 from umedpt.encoder import SwinEncoder
+from umedpt.kinds import same_kind
 from umedpt.probe.encoders import ProbeError, load_encoders, random_encoder, weights_hash
 from umedpt.probe.features import FeatureCache, cached_features, check_channels
-from umedpt.probe.linear import C_GRID, evaluate, fit_linear_probe
+from umedpt.probe.linear import C_GRID, PRIMARY_METRIC, evaluate, fit_linear_probe
 from umedpt.probe.report import mean_std, summarise, write_report
 from umedpt.probe.subsets import check_fraction, check_labels, stratified_subset
 from umedpt.probe.train import TrainBudget, train_and_test
@@ -93,8 +94,11 @@ class ProbeSettings:
         if self.mode not in ("linear", "finetune"):
             raise ProbeError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
         for task in self.tasks:
-            if task.task_kind.probe_metric is None:
-                raise ProbeError(f"task {task.name!r}: {task.kind} tasks cannot be probed (use fit)")
+            if not any(same_kind(task.kind, kind) for kind in PRIMARY_METRIC):
+                raise ProbeError(
+                    f"task {task.name!r}: {task.kind} tasks cannot be probed (use fit); probes take "
+                    f"{', '.join(PRIMARY_METRIC)} tasks"
+                )
             if task.num_classes < 2:
                 raise ProbeError(f"task {task.name!r} has 1 class; a probe needs at least 2 classes")
         if self.device == "auto":
