@@ -1,7 +1,8 @@
 """The contract every task head follows.
 
 A head turns the shared encoder's feature pyramid into task outputs, owns the task's loss
-and its metrics. Batches are dictionaries (see :mod:`umedpt.data.collate`):
+and its metrics. Batches are dictionaries (collated by :func:`umedpt.data.loading.collate_cases`;
+each task kind's target keys are in :mod:`umedpt.kinds`):
 
 ``image``       float tensor (B, C, H, W)
 ``label``       classification: long (B,); multi-label: float (B, K) of 0/1
