@@ -12,8 +12,10 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities._pytree import tree_unflatten
 from torch.utils.data import DataLoader, Sampler, default_collate
 
-#: keys whose per-sample values have different lengths and are kept as lists
-LIST_KEYS: tuple[str, ...] = ("boxes", "box_labels")
+from umedpt.kinds import BUILTIN_KINDS, get_kind
+
+#: keys whose per-sample values have different lengths and are kept as lists (the kinds' list_keys)
+LIST_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for name in BUILTIN_KINDS for k in get_kind(name).list_keys))
 
 
 def collate_cases(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
