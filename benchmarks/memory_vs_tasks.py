@@ -50,7 +50,7 @@ def worker(recipe: str, names: list[str], mode: str, device: str, steps: int) ->
     """Build a model with the tasks ``names``, run ``steps`` steps in ``mode``, return memory figures."""
     import torch
 
-    from umedpt.module import warmup_cosine  # noqa: F401  (import the stack before the baseline)
+    from umedpt.module import MultiTaskModule  # noqa: F401  (import the stack before the baseline)
 
     if device == "cuda":
         torch.cuda.init()

@@ -139,3 +139,15 @@ def test_bad_arguments_are_named():
         TaskwiseAdamW(net.parameters(), betas=(0.9, 1.0))
     with pytest.raises(TypeError, match="task must be a str"):
         TaskwiseAdamW(net.parameters()).accumulate(3)  # type: ignore[arg-type]
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_its_floor():
+    from umedpt.optim import warmup_cosine
+
+    factor = warmup_cosine(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == pytest.approx(1.0)
+    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert factor(14) == pytest.approx(0.1) and factor(100) == pytest.approx(0.1)
+    decay = [factor(s) for s in range(4, 15)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))

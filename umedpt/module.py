@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,7 +19,7 @@ from umedpt.device import batch_to_device
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
 from umedpt.kinds import get_kind
-from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator
+from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator, warmup_cosine
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import Task, as_task, check_unique
@@ -35,18 +34,6 @@ class NonFiniteLossError(FloatingPointError):
 warnings.filterwarnings(
     "ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`", category=UserWarning
 )
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Any:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class MultiTaskModule(LightningModule):

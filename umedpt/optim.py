@@ -12,10 +12,13 @@ decoupled weight decay. Every task therefore moves the encoder as far as it woul
 
 Gradients left in ``.grad`` when :meth:`~TaskwiseAdamW.step` runs belong to an unnamed task, so
 an optimizer used without :meth:`~TaskwiseAdamW.accumulate` is AdamW.
+
+:func:`warmup_cosine` is the learning-rate schedule of pretraining, probes and the MLLM stage.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -185,3 +188,16 @@ def build_aggregator(spec: Any) -> Callable[[Tensor], Tensor] | None:
     if not callable(aggregator):
         raise TypeError(f"aggregator {path!r} is not callable on a matrix of task gradients")
     return aggregator
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Learning-rate multiplier (for ``LambdaLR``): linear warmup to 1 over ``warmup_steps``, then
+    cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

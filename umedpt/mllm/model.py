@@ -21,7 +21,7 @@ from umedpt.mllm.llm import add_lora, build_llm, build_word_tokenizer, load_toke
 from umedpt.mllm.prompts import IMAGE_PLACEHOLDER, IMAGE_TASKS, build_prompt
 from umedpt.mllm.resampler import ResampleMethod, Resampler
 from umedpt.mllm.synthetic import synthetic_vocabulary
-from umedpt.module import warmup_cosine
+from umedpt.optim import warmup_cosine
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 
 #: the tiny Swin of ``configs/quick.yaml`` (random weights): the demo encoder when none is given

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from heads.base import TaskHead
 from umedpt.data.loading import collate_cases
 from umedpt.encoder import SwinEncoder
-from umedpt.module import warmup_cosine
+from umedpt.optim import warmup_cosine
 from umedpt.tasks import Task
 
 
