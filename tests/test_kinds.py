@@ -107,6 +107,7 @@ def test_a_kind_is_found_by_class_path_and_bad_names_are_explained():
     kind = get_kind("tests.test_kinds.Regression")
     assert isinstance(kind, Regression) and kind.metric == "mae"
     assert "regression" not in kind_names()  # a class path needs no registration
+    assert get_kind(Regression) is kind  # one instance per class
     with pytest.raises(ValueError, match=r"unknown task kind 'regresion'.*'classification'"):
         get_kind("regresion")
     with pytest.raises(TypeError, match="not a umedpt.kinds.TaskKind subclass"):

@@ -154,7 +154,7 @@ def _inspect_split(dataset: FileDataset, split: str, report: TaskReport, deep: b
     bar = progress.add_task(f"{report.name} {split}", total=len(dataset))
     for problem in dataset.notes:
         report.add(split, problem)
-    has_boxes = "boxes" in get_kind(dataset.kind).target_keys
+    has_boxes = "boxes" in dataset.task_kind.target_keys
     for i in range(len(dataset)):
         item = dataset.inspect(i) if deep else None
         problems = item.problems if item is not None else dataset.entry_problems(i)

@@ -900,6 +900,7 @@ class SyntheticTaskDataset(Dataset):
         self.channels = channels
         self.cache = bool(cache)
         self.kind = LABEL_FAMILIES[family]
+        self.task_kind = get_kind(self.kind)
         self.class_names = class_names(style, family)
         self.num_classes = len(self.class_names)
 
@@ -926,7 +927,7 @@ class SyntheticTaskDataset(Dataset):
         if self.channels == 1:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
         image = torch.from_numpy(np.ascontiguousarray(((image - 0.5) * 4.0).transpose(2, 0, 1)))
-        targets = get_kind(self.kind).case_targets(
+        targets = self.task_kind.case_targets(
             label=scene.labels.get(self.family), mask=scene.mask, boxes=scene.boxes, box_labels=scene.box_labels
         )
         return {"image": image, **targets}

@@ -43,7 +43,7 @@ class TaskKind:
         list_keys: target keys whose per-sample values differ in length: batches keep them as
             lists instead of stacking them (detection boxes).
         probe_metric: the metric a probe of a held-out task of this kind reports; ``None`` when
-            probes do not support the kind.
+            probes do not support the kind (probes evaluate the built-in kinds only).
         dense: targets are per pixel (a probe then trains a decoder on the frozen encoder rather
             than a linear model on pooled features).
         count_unit: what the data checker's class balance counts per class (``samples``,
@@ -103,6 +103,8 @@ class TaskKind:
 
 
 _REGISTRY: dict[str, TaskKind] = {}
+#: instances of the kinds named by class path without registration, one per class
+_UNREGISTERED: dict[type[TaskKind], TaskKind] = {}
 _K = TypeVar("_K", bound=type[TaskKind])
 
 
@@ -171,6 +173,8 @@ def same_kind(a: str | TaskKind | type[TaskKind], b: str | TaskKind | type[TaskK
 
 
 def _instance(cls: type[TaskKind]) -> TaskKind:
-    """The registered instance of ``cls``, or a new one for an unregistered class."""
+    """The registered instance of ``cls``, or the one instance of an unregistered class."""
     known = _REGISTRY.get(cls.name)
-    return known if known is not None and type(known) is cls else cls()
+    if known is not None and type(known) is cls:
+        return known
+    return _UNREGISTERED.setdefault(cls, cls())

@@ -174,11 +174,13 @@ class FileDataset(Dataset):
         self.nonfinite = nonfinite
         self.split = split
         self.kind: str = kind
+        #: what the kind means (its targets, checks and class counts), resolved once
+        self.task_kind = get_kind(kind)
         self.channels = channels
         self.image_size = image_size
         self.ignore_index = ignore_index
         self.normalization = Normalization.from_spec(normalize)
-        boxes = "boxes" in get_kind(kind).target_keys
+        boxes = "boxes" in self.task_kind.target_keys
         #: pipeline per channel count of the stored image: grey images are augmented as grey
         #: (no colour jitter) and repeated to ``channels`` afterwards, which is also cheaper
         self.transforms = {
@@ -283,7 +285,7 @@ class FileDataset(Dataset):
         image, meta = self.read(i)
         image, problems = self.finite_image(i, image)
         mask = None
-        if "mask" in get_kind(self.kind).target_keys:
+        if "mask" in self.task_kind.target_keys:
             stored = self.read_mask(i)
             where = self.mask_source(i)
             if stored.ndim == 3 and (stored == stored[..., :1]).all():
@@ -352,7 +354,7 @@ class FileDataset(Dataset):
         if sample.mask is not None:
             mask = np.where(sample.mask == self.ignore_index, MASK_FILL, sample.mask).astype(np.uint16)
         boxes = None
-        if self.kind == "detection":
+        if "boxes" in self.task_kind.target_keys:
             h, w = image.shape[:2]
             boxes = np.clip(item.boxes, 0, [w, h, w, h]).astype(np.float32)
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if transform.random else None
@@ -368,7 +370,7 @@ class FileDataset(Dataset):
         if out.get("boxes") is not None:
             targets.update(boxes=out["boxes"], box_labels=out["box_labels"])
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return {"image": image, **get_kind(self.kind).case_targets(**targets)}
+        return {"image": image, **self.task_kind.case_targets(**targets)}
 
     def _to_channels(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 1) or (H, W, 3): alpha dropped, colour turned to luminance for 1-channel tasks."""
@@ -391,15 +393,14 @@ class FileDataset(Dataset):
                 if path is not None and not Path(path).is_file():
                     problems.append(Problem(path, fld, MISSING, index=i))
         problems += [Problem(where, fld, message, index=i) for fld, message in item.invalid]
-        kind = get_kind(self.kind)
-        if item.invalid and "label" in kind.target_keys:
+        if item.invalid and "label" in self.task_kind.target_keys:
             return problems  # the label could not be parsed
         return problems + self._target_problems(i, item.size, "image size the annotations declare")
 
     def _target_problems(self, i: int, size: tuple[int, int] | None, what: str) -> list[Problem]:
         """The kind's problems with sample ``i``'s declared targets (boxes checked against ``size``)."""
         item = self.items[i]
-        found = get_kind(self.kind).target_problems(
+        found = self.task_kind.target_problems(
             self._declared_targets(item), self.num_classes, self.class_names, size, what, item.box_ids
         )
         return [Problem(item.where or item.image, fld, message, index=i) for fld, message in found]
@@ -430,7 +431,7 @@ class FileDataset(Dataset):
                         f"nor ignore_index={self.ignore_index}", index=i,
                     )
                 )
-        if "boxes" in get_kind(self.kind).target_keys and item.size != (h, w):  # declared sizes are checked without pixels
+        if "boxes" in self.task_kind.target_keys and item.size != (h, w):  # declared sizes are checked without pixels
             if item.size is not None:
                 problems.append(
                     Problem(item.where or item.image, "size", f"annotations declare {item.size[0]}x{item.size[1]} "
@@ -468,10 +469,10 @@ class FileDataset(Dataset):
         1/0 per class for (multi-)labels, boxes per class for detection; None for segmentation
         (masks must be decoded) or a label that is not valid.
         """
-        item, kind = self.items[i], get_kind(self.kind)
-        if item.invalid and "label" in kind.target_keys:
+        item = self.items[i]
+        if item.invalid and "label" in self.task_kind.target_keys:
             return None
-        return kind.class_counts(self._declared_targets(item), self.num_classes)
+        return self.task_kind.class_counts(self._declared_targets(item), self.num_classes)
 
     def problems(self, deep: bool = False) -> list[Problem]:
         """All problems of the split: from the declarations only, or (``deep``) decoding every sample."""
