@@ -52,8 +52,9 @@ def build_model(recipe: str, names: list[str] | None = None, **overrides: Any) -
     tasks = [t for t in recipe_tasks(recipe) if names is None or t.name in names]
     encoder = SwinEncoder(**cfg.get("encoder", {}).get("init_args", {}))
     kwargs = {k: v for k, v in cfg.items() if k not in ("tasks", "encoder")}
-    # benchmarks train every task in every step, whatever subset the recipe samples
-    kwargs.update(export_encoder=False, tasks_per_step=None)
+    # benchmarks train every task in every step, whatever subset the recipe samples, with one AdamW
+    # (the plain loops they compare against use AdamW; per-task moments are measured by learning.py)
+    kwargs.update(export_encoder=False, tasks_per_step=None, moments="shared")
     kwargs.update(overrides)
     return MultiTaskModule(tasks=tasks, encoder=encoder, **kwargs)
 
