@@ -6,7 +6,9 @@ annotation of that task), keeps the confident predictions and writes them into a
 image-centric manifest, marked ``"pseudo": true`` with their ``score``. Stage 3 trains on the
 real and pseudo labels (``ImageCentricModule(pseudo_weight=...)``). See ``docs/imax.md``.
 
-Confidence per task kind (thresholds configurable):
+Each kind chooses its confident predictions (``umedpt.kinds.TaskKind.confident``) and turns
+them into annotation fields (``TaskKind.annotation_from_targets``); the built-in kinds, with
+their thresholds configurable:
 
 ``classification``  the top softmax probability >= threshold: that class.
 ``multilabel``      every label confident, ``max(p, 1 - p) >= threshold``: the positives are
@@ -31,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 
 from umedpt.data.imax import Annotation, CaseBuilder, ImageRecord, read_manifest, write_manifest
+from umedpt.kinds import TaskKind
 from umedpt.module import MultiTaskModule
 
 __all__ = ["Thresholds", "load_model", "main", "pseudo_label", "run"]
@@ -55,6 +57,12 @@ class Thresholds:
         for kind, value in asdict(self).items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"thresholds.{kind} must be in [0, 1], got {value}")
+
+    def of(self, kind: str) -> float:
+        """The threshold of task kind ``kind`` (its short name)."""
+        if kind not in asdict(self):
+            raise ValueError(f"pseudo-label: no confidence threshold for task kind {kind!r}; thresholds: {asdict(self)}")
+        return getattr(self, kind)
 
 
 def load_model(
@@ -139,16 +147,14 @@ def pseudo_label(
             head = model.heads[name]
             index = torch.tensor(rows, device=device)
             outputs = head([f[index] for f in features], size)
-            threshold = getattr(thresholds, task.kind)
-            predictions = _confident(task.kind, head, outputs, threshold)
+            kind = task.task_kind
+            predictions = kind.confident(head, outputs, thresholds.of(kind.name))
             stats[name]["candidates"] += len(rows)
             for row, prediction in zip(rows, predictions, strict=True):
                 if prediction is None:
                     continue
                 record = batch[row]
-                annotation = _annotation(
-                    task.kind, prediction, size, stored[row], record, name, builder, mask_dir
-                )
+                annotation = _annotation(kind, *prediction, size, stored[row], record, name, builder, mask_dir)
                 record.annotations[name] = annotation
                 stats[name]["written"] += 1
                 stats[name]["score_sum"] += annotation.score
@@ -163,36 +169,10 @@ def pseudo_label(
     return out, summary
 
 
-def _confident(kind: str, head: Any, outputs: Any, threshold: float) -> list[Any]:
-    """Per image, the confident prediction (kind-specific, with its score) or ``None``."""
-    if kind == "detection":
-        kept = []
-        for det in head.predict(outputs):
-            keep = det["scores"] >= threshold
-            kept.append({k: v[keep].cpu() for k, v in det.items()} if bool(keep.any()) else None)
-        return kept
-    probs = head.predict(outputs).float().cpu()
-    if kind == "classification":
-        score, label = probs.max(dim=1)
-        return [(int(c), float(s)) if s >= threshold else None for c, s in zip(label, score, strict=True)]
-    if kind == "multilabel":
-        score = torch.maximum(probs, 1 - probs).min(dim=1).values
-        return [
-            ((p >= 0.5).nonzero().flatten().tolist(), float(s)) if s >= threshold else None
-            for p, s in zip(probs, score, strict=True)
-        ]
-    # segmentation: predict() gives the label mask; confidence needs the probabilities
-    score, label = outputs.float().softmax(dim=1).max(dim=1)
-    sure = score >= threshold
-    label[~sure] = head.ignore_index
-    count = sure.flatten(1).sum(dim=1)
-    mean = (score * sure).flatten(1).sum(dim=1) / count.clamp_min(1)
-    return [(m.cpu(), float(s)) if n > 0 else None for m, s, n in zip(label, mean, count, strict=True)]
-
-
 def _annotation(
-    kind: str,
-    prediction: Any,
+    kind: TaskKind,
+    targets: dict[str, Any],
+    score: float,
     size: tuple[int, int],
     stored: tuple[int, int],
     record: ImageRecord,
@@ -200,28 +180,16 @@ def _annotation(
     builder: CaseBuilder,
     mask_dir: Path,
 ) -> Annotation:
-    """A pseudo :class:`Annotation` from a confident prediction, mapped back to the stored image size."""
-    if kind == "detection":
-        scale = torch.tensor([stored[1] / size[1], stored[0] / size[0]] * 2)
-        boxes = (prediction["boxes"].double() * scale).round(decimals=2).tolist()
-        labels = prediction["labels"].tolist()
-        return Annotation(
-            boxes=boxes, box_labels=labels, pseudo=True, score=float(prediction["scores"].min())
-        )
-    value, score = prediction
-    if kind == "classification":
-        return Annotation(label=value, pseudo=True, score=score)
-    if kind == "multilabel":
-        return Annotation(labels=value, pseudo=True, score=score)
-    mask = value.numpy()
-    mask = mask.astype(np.uint8 if mask.max() < 256 else np.uint16)
-    if mask.shape != stored:
-        mask = cv2.resize(mask, (stored[1], stored[0]), interpolation=cv2.INTER_NEAREST)
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    path = mask_dir / f"{_safe(record.id)}__{task_name}.png"
-    if not cv2.imwrite(str(path), mask):
-        raise OSError(f"could not write {path}")
-    return Annotation(mask=os.path.relpath(path.resolve(), builder.root.resolve()), pseudo=True, score=score)
+    """A pseudo :class:`Annotation` from a confident prediction, mapped back to the stored image
+    size; its file fields (masks) are written to ``mask_dir``."""
+    values = kind.annotation_from_targets(kind.resize_targets(targets, size, stored), decimals=2)
+    for f in kind.file_fields:
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        path = mask_dir / f"{_safe(record.id)}__{task_name}.png"
+        if not cv2.imwrite(str(path), values[f]):
+            raise OSError(f"could not write {path}")
+        values[f] = os.path.relpath(path.resolve(), builder.root.resolve())
+    return Annotation(**values, pseudo=True, score=score)
 
 
 def _safe(text: str) -> str:
@@ -268,8 +236,8 @@ def run(
     given = {"image_size": image_size, "channels": channels, "mean": mean, "std": std}
     defaults = {"image_size": None, "channels": 3, "mean": 0.5, "std": 0.25}
     preprocessing = {k: v if v is not None else data_hparams.get(k, defaults[k]) for k, v in given.items()}
-    seg_heads = [model.heads[n] for n, t in model.tasks.items() if t.kind == "segmentation"]
-    ignore_index = seg_heads[0].ignore_index if seg_heads else 255
+    # the mask value of unlabelled pixels: the segmentation heads' (255 without one)
+    ignore_index = next((h.ignore_index for h in model.heads.values() if hasattr(h, "ignore_index")), 255)
     records = read_manifest(manifest, list(model.tasks.values()))
     root = Path(manifest).parent
     builder = CaseBuilder(root, model.tasks, ignore_index=ignore_index, source=manifest, **preprocessing)

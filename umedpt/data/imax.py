@@ -49,7 +49,7 @@ from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, collat
 from umedpt.data.readers import read_image
 from umedpt.data.readers.problems import did_you_mean
 from umedpt.device import batch_to_device
-from umedpt.kinds import BUILTIN_KINDS, get_kind
+from umedpt.kinds import BUILTIN_KINDS, get_kind, same_kind
 from umedpt.tasks import Task, as_task
 
 __all__ = [
@@ -321,60 +321,24 @@ def _parse_annotation(value: Any, where: str, task: Task | None) -> Annotation:
     kinds = [k for k, fs in KIND_FIELDS.items() if set(fs) & set(given)]
     if len(kinds) != 1:
         raise ManifestError(f"{where}': set the fields of exactly one kind {KIND_FIELDS}, got {list(given)}")
-    kind = kinds[0]
-    if task is not None and kind != task.kind:
+    kind = get_kind(kinds[0])
+    if task is not None and not same_kind(kind, task.task_kind):
         raise ManifestError(
-            f"{where}': task {task.name!r} is {task.kind} ({'/'.join(KIND_FIELDS[task.kind])}), "
+            f"{where}': task {task.name!r} is {task.kind} ({'/'.join(task.task_kind.annotation_fields)}), "
             f"got {'/'.join(given)}"
         )
     if not isinstance(a.pseudo, bool):
         raise ManifestError(f"{where}.pseudo': expected true or false, got {a.pseudo!r}")
     if a.score is not None and (not isinstance(a.score, (int, float)) or not math.isfinite(a.score)):
         raise ManifestError(f"{where}.score': expected a finite number, got {a.score!r}")
-    if kind == "classification":
-        a.label = _class_index(a.label, f"{where}.label'", task)
-    elif kind == "multilabel":
-        if not isinstance(a.labels, list):
-            raise ManifestError(f"{where}.labels': expected a list of positive classes, got {a.labels!r}")
-        a.labels = [_class_index(v, f"{where}.labels[{i}]'", task) for i, v in enumerate(a.labels)]
-    elif kind == "segmentation":
-        if not isinstance(a.mask, str) or not a.mask:
-            raise ManifestError(f"{where}.mask': expected a mask file path, got {a.mask!r}")
-    else:
-        _check_boxes(a, where, task)
-    return a
-
-
-def _class_index(value: Any, where: str, task: Task | None) -> int | str:
-    if isinstance(value, str):
-        if task is None:
-            return value
-        if not task.class_names or value not in task.class_names:
-            raise ManifestError(f"{where}: unknown class name {value!r} (class_names: {task.class_names})")
-        return task.class_names.index(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ManifestError(f"{where}: expected a class index or name, got {value!r}")
-    if value < 0 or (task is not None and value >= task.num_classes):
-        limit = f"[0, {task.num_classes - 1}]" if task is not None else ">= 0"
-        raise ManifestError(f"{where}: class {value} is outside {limit}")
-    return value
-
-
-def _check_boxes(a: Annotation, where: str, task: Task | None) -> None:
-    if not isinstance(a.boxes, list) or not isinstance(a.box_labels, list):
-        raise ManifestError(f"{where}': detection needs both 'boxes' and 'box_labels' lists")
-    if len(a.boxes) != len(a.box_labels):
-        raise ManifestError(f"{where}.box_labels': {len(a.box_labels)} labels for {len(a.boxes)} boxes")
-    for i, box in enumerate(a.boxes):
-        ok = isinstance(box, list) and len(box) == 4
-        ok = ok and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box
-        )
-        if not ok:
-            raise ManifestError(f"{where}.boxes[{i}]': expected [x1, y1, x2, y2] numbers, got {box!r}")
-        if box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
-            raise ManifestError(f"{where}.boxes[{i}]': needs 0 <= x1 < x2 and 0 <= y1 < y2, got {box}")
-    a.box_labels = [_class_index(v, f"{where}.box_labels[{i}]'", task) for i, v in enumerate(a.box_labels)]
+    values = {f: getattr(a, f) for f in kind.annotation_fields}
+    parsed, problems = kind.parse_annotation(
+        values, task.num_classes if task is not None else None, (task.class_names or []) if task is not None else ()
+    )
+    if problems:
+        field_name, message = problems[0]
+        raise ManifestError(f"{where}{'.' + field_name if field_name else ''}': {message}")
+    return replace(a, **parsed)
 
 
 def _check_files(record: ImageRecord, root: Path, where: str) -> None:
@@ -458,48 +422,32 @@ class CaseBuilder:
         no boxes) with ``present=False``; the module leaves such samples out of the task's loss.
         """
         task, a = self.tasks[name], record.annotations.get(name)
+        kind = task.task_kind
         where = f"{self.source} line {record.line} ({record.id!r}), field 'annotations.{name}'"
         out: dict[str, Any] = {"present": a is not None, "pseudo": bool(a is not None and a.pseudo)}
-        if task.kind == "classification":
-            out["label"] = torch.tensor(a.label if a is not None else 0, dtype=torch.long)
-        elif task.kind == "multilabel":
-            label = torch.zeros(task.num_classes)
-            if a is not None:
-                label[a.labels] = 1.0
-            out["label"] = label
-        elif task.kind == "segmentation":
-            out["mask"] = self._mask(a, task, where, stored, size)
-        else:
-            boxes = torch.tensor(a.boxes if a is not None else [], dtype=torch.float32).reshape(-1, 4)
-            h, w = stored
-            if ((boxes[:, 2] > w) | (boxes[:, 3] > h)).any():
-                raise ManifestError(f"{where}: a box reaches beyond the {w}x{h} image: {boxes.tolist()}")
-            out["boxes"] = boxes * torch.tensor([size[1] / w, size[0] / h] * 2)
-            out["box_labels"] = torch.tensor(a.box_labels if a is not None else [], dtype=torch.long)
+        if a is None:
+            out.update(kind.annotation_targets(None, task.num_classes, size, self.ignore_index))
+            return out
+        values = {f: getattr(a, f) for f in kind.annotation_fields}
+        files = {f: self.root / values[f] for f in kind.file_fields}
+        for f, path in files.items():
+            values[f] = self._read_file(path, f"{where}.{f}'")
+        try:
+            targets = kind.annotation_targets(values, task.num_classes, stored, self.ignore_index)
+        except ValueError as err:
+            named = "".join(f" ({f} {path})" for f, path in files.items())
+            raise ManifestError(f"{where}{named}: {err}") from err
+        out.update(kind.resize_targets(targets, stored, size))
         return out
 
-    def _mask(
-        self, a: Annotation | None, task: Task, where: str, stored: tuple[int, int], size: tuple[int, int]
-    ) -> Tensor:
-        if a is None:
-            return torch.full(size, self.ignore_index, dtype=torch.long)
-        path = self.root / a.mask
-        mask = read_image(path)
-        if mask.ndim == 3 and mask.shape[2] == 1:
-            mask = mask[..., 0]
-        if mask.shape != stored:
-            raise ManifestError(f"{where}: mask {path} has shape {mask.shape}, the image is {stored}")
-        if not np.issubdtype(mask.dtype, np.integer):
-            raise ManifestError(f"{where}: mask {path} holds {mask.dtype}, expected integer class indices")
-        bad = (mask >= task.num_classes) & (mask != self.ignore_index) | (mask < 0)
-        if bad.any():
-            raise ManifestError(
-                f"{where}: mask {path} has values {np.unique(mask[bad])[:5].tolist()} outside "
-                f"[0, {task.num_classes - 1}] and != ignore_index {self.ignore_index}"
-            )
-        if mask.shape != size:
-            mask = cv2.resize(mask.astype(np.int32), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-        return torch.from_numpy(mask.astype(np.int64))
+    @staticmethod
+    def _read_file(path: Path, where: str) -> np.ndarray:
+        """A file field's array (a mask), single channel."""
+        try:
+            array = read_image(path)
+        except (OSError, ValueError) as err:
+            raise ManifestError(f"{where}: cannot read {path}: {err}") from err
+        return array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
 
 
 class ImageCentricDataset(Dataset):
@@ -756,8 +704,6 @@ def write_synthetic_world(
     out = Path(out_dir)
     families = families or DEFAULT_FAMILIES
     (out / "images").mkdir(parents=True, exist_ok=True)
-    if "segmentation" in (LABEL_FAMILIES[f] for f in families.values()):
-        (out / "masks").mkdir(exist_ok=True)
     records = []
     for split, count in (num_images or {"train": 64, "val": 32, "test": 32}).items():
         for i in range(count):
@@ -766,18 +712,18 @@ def write_synthetic_world(
             np.save(out / "images" / f"{stem}.npy", scene.image)
             annotations = {}
             for name, family in families.items():
-                kind = LABEL_FAMILIES[family]
-                if kind == "segmentation":
-                    cv2.imwrite(str(out / "masks" / f"{stem}.png"), scene.mask.astype(np.uint8))
-                    annotations[name] = Annotation(mask=f"masks/{stem}.png")
-                elif kind == "detection":
-                    annotations[name] = Annotation(
-                        boxes=scene.boxes.tolist(), box_labels=scene.box_labels.tolist()
-                    )
-                elif kind == "multilabel":
-                    annotations[name] = Annotation(labels=np.flatnonzero(scene.labels[family]).tolist())
-                else:
-                    annotations[name] = Annotation(label=int(scene.labels[family]))
+                kind = get_kind(LABEL_FAMILIES[family])
+                targets = kind.case_targets(
+                    label=scene.labels.get(family), mask=scene.mask, boxes=scene.boxes, box_labels=scene.box_labels
+                )
+                values = kind.annotation_from_targets(targets)
+                for f in kind.file_fields:  # masks/<stem>.png: one scene mask, shared by its tasks
+                    (out / f"{f}s").mkdir(exist_ok=True)
+                    path = f"{f}s/{stem}.png"
+                    if not cv2.imwrite(str(out / path), values[f]):
+                        raise OSError(f"could not write {out / path}")
+                    values[f] = path
+                annotations[name] = Annotation(**values)
             records.append(ImageRecord(f"images/{stem}.npy", split, stem, annotations))
     return write_manifest(records, out / "world.jsonl")
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["TaskKind", "get_kind", "kind_names", "register_kind", "same_kind"]
+__all__ = ["TaskKind", "class_index", "get_kind", "kind_names", "register_kind", "same_kind"]
 
 
 class TaskKind:
@@ -42,15 +42,28 @@ class TaskKind:
         target_keys: keys of a case dict that hold this kind's targets.
         list_keys: target keys whose per-sample values differ in length: batches keep them as
             lists instead of stacking them (detection boxes).
-        probe_metric: the metric a probe of a held-out task of this kind reports; ``None`` when
-            probes do not support the kind (probes evaluate the built-in kinds only).
-        dense: targets are per pixel (a probe then trains a decoder on the frozen encoder rather
-            than a linear model on pooled features).
+        probe_metric: the metric a probe of a held-out task of this kind reports (``None``: the
+            kind's :attr:`metric`).
+        linear_probe: a logistic regression on the frozen encoder's pooled features evaluates
+            the kind (classification, multi-label); probes of the other kinds train the task's
+            head on the frozen encoder instead.
+        dense: targets are per pixel.
         count_unit: what the data checker's class balance counts per class (``samples``,
             ``positives``, ``pixels``, ``boxes``).
         annotation_fields: the fields of an IMAX manifest annotation of this kind
             (:class:`umedpt.data.imax.Annotation`); a kind with one field also accepts the bare
             value (``"xr_grade": 2`` for ``{"label": 2}``).
+        file_fields: the annotation fields that name a file (a segmentation mask): a manifest
+            reader decodes them before :meth:`annotation_targets`, a writer saves them.
+        label_columns: ``(fewest, most)`` label columns of the kind's table form (a CSV of
+            image paths and labels, an array of label rows; ``most`` ``None``: any number), or
+            ``None`` when the kind has none; see :meth:`table_label` and :meth:`array_label`.
+
+    The annotation methods (:meth:`parse_annotation`, :meth:`annotation_targets`,
+    :meth:`annotation_from_targets`, :meth:`resize_targets`) let IMAX manifests, the synthetic
+    world writer and pseudo-labelling handle a kind; :meth:`confident` lets
+    ``umedpt pseudo-label`` choose its confident predictions. A kind that leaves them out is
+    trained and evaluated like any other but cannot be written to or read from a manifest.
     """
 
     name: ClassVar[str] = ""
@@ -59,9 +72,12 @@ class TaskKind:
     target_keys: ClassVar[tuple[str, ...]] = ()
     list_keys: ClassVar[tuple[str, ...]] = ()
     probe_metric: ClassVar[str | None] = None
+    linear_probe: ClassVar[bool] = False
     dense: ClassVar[bool] = False
     count_unit: ClassVar[str] = "samples"
     annotation_fields: ClassVar[tuple[str, ...]] = ()
+    file_fields: ClassVar[tuple[str, ...]] = ()
+    label_columns: ClassVar[tuple[int, int | None] | None] = None
 
     def case_targets(self, **values: Any) -> dict[str, Any]:
         """The target entries of one case dict from a sample's annotation values (NumPy arrays,
@@ -98,8 +114,105 @@ class TaskKind:
         balance), or ``None`` (unknown before decoding, or targets that are not valid)."""
         return None
 
+    def parse_annotation(
+        self, values: Mapping[str, Any], num_classes: int | None = None, class_names: Sequence[str] = ()
+    ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Check one manifest annotation's :attr:`annotation_fields` (as written in the file) and
+        put them in normal form (class names become indices).
+
+        Args:
+            values: the annotation's fields of this kind.
+            num_classes, class_names: the task's classes; ``None`` when the manifest is read
+                without its tasks (class names then stay names).
+
+        Returns:
+            The normalised values and ``(field, message)`` for each problem (``field`` such as
+            ``labels[2]``; empty for the annotation as a whole).
+        """
+        return dict(values), []
+
+    def annotation_targets(
+        self, values: Mapping[str, Any] | None, num_classes: int, size: tuple[int, int], ignore_index: int = 255
+    ) -> dict[str, Any]:
+        """The case targets (tensors, by target key) of a parsed annotation whose
+        :attr:`file_fields` hold the decoded arrays, at the image's ``(height, width)`` ``size``;
+        for ``values=None`` (the image has no annotation of the task) placeholders that the loss
+        leaves out (class 0, no positives, an all-``ignore_index`` mask, no boxes).
+
+        Raises:
+            ValueError: the values do not fit the image or the classes (the message says how).
+        """
+        raise NotImplementedError(f"task kind {self.name!r} has no manifest annotation form")
+
+    def annotation_from_targets(self, targets: Mapping[str, Any], decimals: int | None = None) -> dict[str, Any]:
+        """The annotation fields of a sample's case targets: the inverse of
+        :meth:`annotation_targets`; file fields stay arrays for the writer to save, coordinates
+        are rounded to ``decimals`` places when given."""
+        raise NotImplementedError(f"task kind {self.name!r} has no manifest annotation form")
+
+    def resize_targets(
+        self, targets: Mapping[str, Any], from_size: tuple[int, int], to_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """The targets of an image resized from ``from_size`` to ``to_size`` (``(height,
+        width)``): image-level targets stay as they are (this default)."""
+        return dict(targets)
+
+    def confident(self, head: Any, outputs: Any, threshold: float) -> list[tuple[dict[str, Any], float] | None]:
+        """Per image of a batch, ``(targets, score)`` of the head's prediction when its confidence
+        reaches ``threshold``, else ``None``: how pseudo-labelling chooses labels of this kind.
+
+        Args:
+            head: the task's head (:class:`heads.base.TaskHead`); ``outputs`` its raw outputs.
+        """
+        raise NotImplementedError(f"task kind {self.name!r} does not choose pseudo labels")
+
+    def table_class_names(self, columns: Sequence[str], cells: Sequence[str], separator: str = ";") -> list[str]:
+        """The class names of a table whose label ``columns`` were not given names: inferred
+        from ``cells``, the values of the first label column in every row."""
+        raise NotImplementedError(f"task kind {self.name!r} has no table form")
+
+    def table_label(
+        self, cells: Sequence[str], class_names: Sequence[str], separator: str = ";"
+    ) -> tuple[Any, str | None]:
+        """``(label, problem)`` of one table row from its label ``cells`` (strings, one per label
+        column): the label as :meth:`case_targets` takes it and ``None``, or a placeholder and a
+        message saying what is wrong."""
+        raise NotImplementedError(f"task kind {self.name!r} has no table form")
+
+    def array_label(self, row: np.ndarray) -> Any:
+        """The label of one row of a numeric label array (as MedMNIST stores labels)."""
+        raise NotImplementedError(f"task kind {self.name!r} has no table form")
+
+    def array_num_classes(self, arrays: Sequence[np.ndarray]) -> int:
+        """The class count of numeric label arrays ``(N, columns)`` (all splits)."""
+        raise NotImplementedError(f"task kind {self.name!r} has no table form")
+
+    @property
+    def probed_metric(self) -> str:
+        """The metric a probe reports: :attr:`probe_metric`, else :attr:`metric`."""
+        return self.probe_metric or self.metric
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def class_index(
+    value: Any, num_classes: int | None = None, class_names: Sequence[str] = ()
+) -> tuple[int | str, str | None]:
+    """``(index, None)`` for a class given as an index or a name in ``class_names``, else
+    ``(value, message)``; without ``num_classes`` (no task known) names stay names."""
+    if isinstance(value, str):
+        if num_classes is None:
+            return value, None
+        if not class_names or value not in class_names:
+            return value, f"unknown class name {value!r} (class_names: {list(class_names)})"
+        return list(class_names).index(value), None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return value, f"expected a class index or name, got {value!r}"
+    if value < 0 or (num_classes is not None and value >= num_classes):
+        limit = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
+        return value, f"class {value} is outside {limit}"
+    return int(value), None
 
 
 _REGISTRY: dict[str, TaskKind] = {}

@@ -20,11 +20,9 @@ from umedpt.kinds import BUILTIN_KINDS, get_kind
 
 #: default grid of the inverse L2 strength C (sklearn's convention)
 C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-#: the metric that picks C and fills the report, per built-in kind that probes support (any kind's
-#: is ``umedpt.kinds.get_kind(kind).probe_metric``)
-PRIMARY_METRIC: dict[str, str] = {
-    name: metric for name in BUILTIN_KINDS if (metric := get_kind(name).probe_metric) is not None
-}
+#: the metric a probe reports (and a linear probe picks C by), per built-in kind (any kind's is
+#: ``umedpt.kinds.get_kind(kind).probed_metric``)
+PRIMARY_METRIC: dict[str, str] = {name: get_kind(name).probed_metric for name in BUILTIN_KINDS}
 
 
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:

@@ -19,10 +19,9 @@ from torch.utils.data import Dataset
 import umedpt
 from umedpt.data.datamodule import SPLITS, MultiTaskDataModule
 from umedpt.encoder import SwinEncoder
-from umedpt.kinds import same_kind
 from umedpt.probe.encoders import ProbeError, load_encoders, random_encoder, weights_hash
 from umedpt.probe.features import FeatureCache, cached_features, check_channels
-from umedpt.probe.linear import C_GRID, PRIMARY_METRIC, evaluate, fit_linear_probe
+from umedpt.probe.linear import C_GRID, evaluate, fit_linear_probe
 from umedpt.probe.report import mean_std, summarise, write_report
 from umedpt.probe.subsets import check_fraction, check_labels, stratified_subset
 from umedpt.probe.train import TrainBudget, train_and_test
@@ -40,16 +39,18 @@ class ProbeSettings:
         encoders: name -> source: an exported encoder folder, its ``model.safetensors``, a
             training checkpoint, a glob of those (the newest match is used), ``random`` (random
             init with the config of the first other encoder) or ``random:<source>``.
-        tasks: downstream tasks, as in pretraining (name, kind, num_classes, data); kinds
-            ``classification``, ``multilabel`` (linear probes) and ``segmentation`` (frozen
-            encoder + trainable decoder).
+        tasks: downstream tasks, as in pretraining (name, kind, num_classes, data), of any
+            kind: ``classification`` and ``multilabel`` get linear probes, every other kind
+            (segmentation, detection, a plug-in kind) a head probe (frozen encoder, the task's
+            head trained).
         fractions: shares of the training split, each in (0, 1]; stratified, >= 1 sample per class.
         seeds: one subset (and training run) per seed; the report gives mean and std over them.
         mode: ``linear`` (frozen encoder) or ``finetune`` (encoder and head trained end to end).
         dataset_defaults: keyword arguments given to each task dataset that accepts them.
         head_defaults: per task kind, head arguments of the trained heads (decoder size...).
         c_grid: inverse L2 strengths tried by the linear probes; the best on validation is kept.
-        segmentation: budget of the segmentation probe (only the decoder learns).
+        segmentation: budget of each head probe (only the head learns; segmentation and every
+            kind without a linear probe).
         finetune: budget of each fine-tuning run (``mode: finetune``).
         scratch: budget of the scratch baseline (same architecture, random init, 100% of the
             training split, trained end to end); ``null`` skips it.
@@ -94,12 +95,7 @@ class ProbeSettings:
         if self.mode not in ("linear", "finetune"):
             raise ProbeError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
         for task in self.tasks:
-            if not any(same_kind(task.kind, kind) for kind in PRIMARY_METRIC):
-                raise ProbeError(
-                    f"task {task.name!r}: {task.kind} tasks cannot be probed (use fit); probes take "
-                    f"{', '.join(PRIMARY_METRIC)} tasks"
-                )
-            if task.num_classes < 2:
+            if task.task_kind.linear_probe and task.num_classes < 2:
                 raise ProbeError(f"task {task.name!r} has 1 class; a probe needs at least 2 classes")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,11 +134,11 @@ def _method(task: Task, settings: ProbeSettings) -> tuple[str, str]:
     """Short name and description of how ``task`` is evaluated."""
     if settings.mode == "finetune":
         return "fine-tuning", f"encoder and head trained end to end, {settings.finetune.steps} steps"
-    if task.task_kind.dense:
+    if not task.task_kind.linear_probe:
         budget = settings.segmentation
         return (
-            "segmentation probe",
-            f"frozen encoder, decoder trained {budget.steps} steps of {budget.batch_size}",
+            f"{task.task_kind.name} probe",
+            f"frozen encoder, the task's head trained {budget.steps} steps of {budget.batch_size}",
         )
     return "linear probe", "L2 logistic regression on frozen embeddings, C chosen on the val split"
 
@@ -165,7 +161,7 @@ class _TaskProbe:
         sizes = ", ".join(f"{split} {len(self.datasets[split])}" for split in SPLITS)
         self.say(f"task {task.name}: {sizes} images ({time.perf_counter() - start:.1f} s)")
         check_channels(encoders, task.name, int(self.datasets["train"][0]["image"].shape[0]))
-        self.linear = settings.mode == "linear" and not task.task_kind.dense
+        self.linear = settings.mode == "linear" and task.task_kind.linear_probe
         self.features: dict[str, dict[str, Any]] = {}
         self.fitted: dict[tuple[str, bytes], dict[str, Any]] = {}  # linear probes are deterministic
         self.labels: np.ndarray | None = None
@@ -252,7 +248,7 @@ class _TaskProbe:
             )
             runs.append({"seed": seed, "metrics": metrics})
         self.timing["scratch_s"] += time.perf_counter() - start
-        metric = self.task.task_kind.probe_metric
+        metric = self.task.task_kind.probed_metric
         return {
             **mean_std([r["metrics"][metric] for r in runs]),
             "budget": dataclasses.asdict(budget),
@@ -261,7 +257,7 @@ class _TaskProbe:
 
     def run(self) -> dict[str, Any]:
         """All runs of the task and their summary (the task's entry of ``report.json``)."""
-        if not self.task.task_kind.dense:  # labels for stratification, features for linear probes
+        if self.task.task_kind.linear_probe:  # labels for stratification, features for linear probes
             self._extract()
         start = time.perf_counter()
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in self.encoders}
@@ -283,7 +279,7 @@ class _TaskProbe:
         bar.close()
         self.timing["probes_s"] += time.perf_counter() - start
         self.say(f"task {self.task.name}: {jobs} probes in {self.timing['probes_s']:.1f} s")
-        metric = self.task.task_kind.probe_metric
+        metric = self.task.task_kind.probed_metric
         method, detail = _method(self.task, self.s)
         return {
             "kind": self.task.kind,

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from umedpt.data.normalize import NormalizationSpec
 from umedpt.data.readers.base import SPLITS, FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
 from umedpt.data.readers.problems import did_you_mean
 from umedpt.data.transforms import ResizeMode, TransformSpec
+from umedpt.kinds import get_kind, kind_names
 
 __all__ = ["ImageFolderDataset", "ManifestDataset", "Table", "read_table", "split_path"]
 
@@ -191,69 +190,31 @@ class ManifestDataset(FileDataset):
         resize: ResizeMode = "stretch",
         nonfinite: NonFinite = "error",
     ) -> None:
-        if kind not in ("classification", "multilabel"):
-            raise ValueError(f"ManifestDataset: kind must be 'classification' or 'multilabel', got {kind!r}")
+        task_kind = get_kind(kind)
+        if task_kind.label_columns is None:
+            tabular = [k for k in kind_names() if get_kind(k).label_columns is not None]
+            raise ValueError(f"ManifestDataset: kind must be one with a table form {tabular}, got {kind!r}")
         super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         table = read_table(manifest, split, split_column, delimiter)
         columns = [label_column] if isinstance(label_column, str) else list(label_column)
         table.require(path_column, *columns)
-        if kind == "classification" and len(columns) != 1:
-            raise ValueError(f"ManifestDataset: classification reads one label column, got {columns}")
+        fewest, most = task_kind.label_columns
+        if not fewest <= len(columns) <= (most or len(columns)):
+            count = f"{fewest}" if most == fewest else f"{fewest} to {most or 'any number of'}"
+            raise ValueError(f"ManifestDataset: {kind} reads {count} label column(s), got {columns}")
         if class_names is None and num_classes is None:
-            class_names = self._infer_names(all_rows(manifest, delimiter), columns, kind, separator)
+            cells = [row.get(columns[0], "") for row in all_rows(manifest, delimiter)]
+            class_names = task_kind.table_class_names(columns, cells, separator)
         self.set_classes(num_classes, class_names)
         root_dir = Path(root) if root is not None else table.file.parent
-        index = {name: i for i, name in enumerate(self.class_names)}
         self.items = []
         for line, row in table.rows:
             item = Item(image=table.resolve(row[path_column], root_dir), where=f"{table.file.name} line {line}")
-            if kind == "classification":
-                item.label = _class_index(row[columns[0]], index)
-                if item.label is None:
-                    item.invalid.append(
-                        (columns[0], f"{row[columns[0]]!r} is neither a class index nor a class name "
-                         f"{self.class_names[:10]}")
-                    )
-            elif len(columns) > 1:
-                item.label = np.array([_binary(row[c]) for c in columns], dtype=np.float32)
-            else:
-                names = [v.strip() for v in row[columns[0]].split(separator) if v.strip()]
-                unknown = [n for n in names if n not in index]
-                if unknown:
-                    item.invalid.append((columns[0], f"unknown class names {unknown}; known: {self.class_names[:10]}"))
-                item.label = np.isin(self.class_names, names).astype(np.float32)
+            item.label, problem = task_kind.table_label([row[c] for c in columns], self.class_names, separator)
+            if problem:
+                item.invalid.append((columns[0], problem))
             self.items.append(item)
         self.expand_frames()
-
-    @staticmethod
-    def _infer_names(
-        rows: list[dict[str, str]], columns: list[str], kind: str, separator: str
-    ) -> list[str]:
-        if kind == "multilabel" and len(columns) > 1:
-            return columns
-        values = [row.get(columns[0], "") for row in rows]
-        if kind == "multilabel":
-            return sorted({v.strip() for value in values for v in value.split(separator) if v.strip()})
-        if values and all(v.lstrip("-").isdigit() for v in values):
-            return [str(i) for i in range(max(int(v) for v in values) + 1)]
-        return sorted(set(values))
-
-
-def _class_index(value: str, index: dict[str, int]) -> int | None:
-    """Class index of a label cell (a class name or an integer), None when it is neither."""
-    if value in index:
-        return index[value]
-    try:
-        return int(value)
-    except ValueError:
-        return None
-
-
-def _binary(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return float("nan")
 
 
 class ImageFolderDataset(FileDataset):

@@ -12,6 +12,7 @@ from umedpt.data.normalize import NormalizationSpec
 from umedpt.data.readers.base import SPLITS, FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import ImageMeta
 from umedpt.data.transforms import ResizeMode, TransformSpec
+from umedpt.kinds import get_kind
 
 __all__ = ["MedMNISTDataset"]
 
@@ -73,20 +74,24 @@ class MedMNISTDataset(FileDataset):
         labels = labels.reshape(len(labels), -1)
         if len(labels) != len(images):
             raise ValueError(f"{file}: {len(images)} {split}_images but {len(labels)} {split}_labels")
-        if kind == "auto":
-            kind = "multilabel" if labels.shape[1] > 1 else "classification"
-        if kind == "classification" and labels.shape[1] != 1:
-            raise ValueError(f"{file}: {split}_labels has {labels.shape[1]} columns; classification needs one")
+        # "auto": one label column is a class index, several are 0/1 findings
+        kind = {"auto": "multilabel" if labels.shape[1] > 1 else "classification"}.get(kind, kind)
+        task_kind = get_kind(kind)
+        if task_kind.label_columns is None:
+            raise ValueError(f"{file}: kind {kind!r} has no label array form; use classification or multilabel")
+        fewest, most = task_kind.label_columns
+        if not fewest <= labels.shape[1] <= (most or labels.shape[1]):
+            raise ValueError(f"{file}: {split}_labels has {labels.shape[1]} columns; {kind} needs {fewest}")
         super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
         self.path = file
         self.images = images
         if num_classes is None and class_names is None:
-            num_classes = labels.shape[1] if kind == "multilabel" else int(max(int(a.max()) for a in every_split)) + 1
+            num_classes = task_kind.array_num_classes(every_split)
         self.set_classes(num_classes, class_names)
         self.items = [
             Item(
                 image=f"{file.name}:{split}_images[{i}]",
-                label=row.astype(np.float32) if kind == "multilabel" else int(row[0]),
+                label=task_kind.array_label(row),
                 where=f"{file.name}:{split}_labels[{i}]",
                 on_disk=False,
             )
