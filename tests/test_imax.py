@@ -434,3 +434,16 @@ def test_record_defaults_and_forms():
         "id": "a.png",
         "annotations": {"g": {"label": 1, "pseudo": True, "score": 0.5}},
     }
+
+
+def test_manifest_and_task_data_errors_are_data_errors(tmp_path):
+    from umedpt.data import TaskDataError
+    from umedpt.data.problems import DataError
+    from umedpt.data.readers.problems import DataError as OldPath
+
+    assert OldPath is DataError and issubclass(TaskDataError, DataError)
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.png", "split": "trian"}\n')
+    with pytest.raises(DataError, match=r"m.jsonl line 1, field 'split'") as caught:
+        read_manifest(path)
+    assert isinstance(caught.value, ManifestError) and isinstance(caught.value, ValueError)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from umedpt.data.problems import Problem
 from umedpt.data.readers.base import SPLITS, FileDataset
-from umedpt.data.readers.problems import Problem
 from umedpt.kinds import get_kind
 from umedpt.tasks import Task, as_task
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, TaskSubsetLoader, collate_cases
+from umedpt.data.problems import DataError
 from umedpt.kinds import same_kind
 from umedpt.tasks import Task, as_task, check_unique, import_class
 
@@ -24,7 +25,7 @@ STAGE_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DataError):
     """A task's dataset cannot be built; the message names the task and the split.
 
     The error that stopped the dataset's constructor is chained as ``__cause__``.

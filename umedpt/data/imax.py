@@ -46,8 +46,8 @@ from torch.utils.data import Dataset
 
 from umedpt.data.datamodule import MultiTaskDataModule
 from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader, collate_cases
+from umedpt.data.problems import DataError, did_you_mean
 from umedpt.data.readers import read_image
-from umedpt.data.readers.problems import did_you_mean
 from umedpt.device import batch_to_device
 from umedpt.kinds import BUILTIN_KINDS, get_kind, same_kind
 from umedpt.tasks import Task, as_task
@@ -80,7 +80,7 @@ _RECORD_FIELDS = ("image", "split", "id", "text", "annotations")
 _CSV_COLUMNS = ("image", "split", "id", "text")
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest entry is malformed; the message names the file, the line and the field."""
 
 

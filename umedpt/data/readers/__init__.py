@@ -14,12 +14,12 @@ NPY, DICOM (modality LUT applied, palette colour as RGB) and 2D NIfTI files at f
 file readers make one sample per frame of a multi-frame DICOM file (:func:`frame_count`).
 """
 
+from umedpt.data.problems import DataError, Problem
 from umedpt.data.readers.base import FileDataset, Item, ItemReport, Sample
 from umedpt.data.readers.coco import CocoDetectionDataset
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES, ImageMeta, frame_count, load_image, read_image
 from umedpt.data.readers.manifest import ImageFolderDataset, ManifestDataset
 from umedpt.data.readers.medmnist import MedMNISTDataset
-from umedpt.data.readers.problems import DataError, Problem
 from umedpt.data.readers.segmentation import SegmentationDataset
 from umedpt.data.readers.volume import NiftiSliceDataset
 

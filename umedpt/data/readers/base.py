@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import Dataset
 
 from umedpt.data.normalize import Normalization, NormalizationSpec
+from umedpt.data.problems import DataError, Problem, errors_only
 from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, read_image
-from umedpt.data.readers.problems import DataError, Problem, errors_only
 from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
 from umedpt.kinds import BUILTIN_KINDS, get_kind
 from umedpt.kinds.builtin import BOX_TOLERANCE

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.problems import Problem
 from umedpt.data.readers.base import FileDataset, Item, NonFinite
-from umedpt.data.readers.problems import Problem
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
 __all__ = ["CocoDetectionDataset"]

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from umedpt.data.normalize import ImageMeta
-from umedpt.data.readers.problems import DataError
+from umedpt.data.problems import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageMeta", "frame_count", "load_image", "read_image"]
 

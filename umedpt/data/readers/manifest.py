@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.problems import did_you_mean
 from umedpt.data.readers.base import SPLITS, FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
-from umedpt.data.readers.problems import did_you_mean
 from umedpt.data.transforms import ResizeMode, TransformSpec
 from umedpt.kinds import get_kind, kind_names
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.problems import Problem
 from umedpt.data.readers.base import FileDataset, Item, NonFinite
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES
 from umedpt.data.readers.manifest import image_files, read_table, split_path
-from umedpt.data.readers.problems import Problem
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
 __all__ = ["IGNORED_WARNING", "SegmentationDataset", "file_stem"]

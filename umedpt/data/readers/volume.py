@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.problems import DataError, Problem
 from umedpt.data.readers.base import Item, NonFinite
 from umedpt.data.readers.image_io import ImageMeta
-from umedpt.data.readers.problems import DataError, Problem
 from umedpt.data.readers.segmentation import SegmentationDataset
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
