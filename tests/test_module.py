@@ -369,3 +369,14 @@ def test_per_task_moments_refuse_fp16(tasks):
     model._trainer = SimpleNamespace(precision="bf16-mixed")
     model.on_fit_start()  # accepted
     torch.set_flush_denormal(False)
+
+
+def test_flush_denormal_holds_only_inside_its_block():
+    from umedpt.device import flush_denormal
+
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    with flush_denormal("cpu"):
+        assert float(tiny * 1.0) == 0.0
+    assert float(tiny * 1.0) > 0.0
+    with flush_denormal("cpu", enabled=False):
+        assert float(tiny * 1.0) > 0.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from umedpt.data.loading import task_subset
-from umedpt.device import batch_to_device
+from umedpt.device import batch_to_device, flush_denormal
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
 from umedpt.kinds import get_kind
@@ -185,6 +185,8 @@ class MultiTaskModule(LightningModule):
         self._loss_ema: dict[str, Tensor] = {}
         self._all_parameters: list[nn.Parameter] | None = None
         self._grad_norm: Tensor | None = None
+        #: the denormal flush of a fit on CPU, entered at its start and left at its end
+        self._denormal: ExitStack | None = None
         self.save_hyperparameters(
             {
                 "tasks": [t.to_dict() for t in task_list],
@@ -563,15 +565,16 @@ class MultiTaskModule(LightningModule):
                 f"fp16's loss scaler unscales them; use precision bf16-mixed or 32-true, "
                 f"not {self.trainer.precision!r}"
             )
-        if self.hparams.flush_denormal and self.device.type == "cpu":
-            torch.set_flush_denormal(True)
+        self._denormal = ExitStack()
+        self._denormal.enter_context(flush_denormal(self.device, self.hparams.flush_denormal))
 
     def on_train_end(self) -> None:
         self._poll_finite_checks(wait=True)
 
     def on_fit_end(self) -> None:
-        if self.hparams.flush_denormal and self.device.type == "cpu":
-            torch.set_flush_denormal(False)
+        if self._denormal is not None:
+            self._denormal.close()
+            self._denormal = None
         if not self.trainer.is_global_zero:
             return
         table = self.metrics_table("val")

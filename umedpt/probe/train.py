@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from heads.base import TaskHead
 from umedpt.data.loading import collate_cases
+from umedpt.device import batch_to_device, flush_denormal
 from umedpt.encoder import SwinEncoder
 from umedpt.optim import warmup_cosine
 from umedpt.tasks import Task
@@ -55,17 +56,6 @@ class TrainBudget:
             raise ValueError(f"TrainBudget: steps, batch_size and lr must be positive, got {self}")
 
 
-@contextmanager
-def _flush_denormal(device: torch.device) -> Iterator[None]:
-    """Flush subnormal floats to zero on CPU while training (they slow x86 CPUs down 10-100x)."""
-    on = device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if on:
-            torch.set_flush_denormal(False)
-
-
 def _batches(loader: DataLoader, steps: int) -> Iterator[dict[str, Any]]:
     """``steps`` batches, cycling through ``loader`` (reshuffled each pass)."""
     done = 0
@@ -75,13 +65,6 @@ def _batches(loader: DataLoader, steps: int) -> Iterator[dict[str, Any]]:
             done += 1
             if done == steps:
                 return
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) if torch.is_tensor(v) else v
-        for k, v in batch.items()
-    }
 
 
 def train_and_test(
@@ -126,11 +109,11 @@ def train_and_test(
         collate_fn=collate_cases,
     )
     frozen = torch.no_grad() if freeze_encoder else nullcontext()
-    with _flush_denormal(device):
+    with flush_denormal(device):
         for batch in tqdm(
             _batches(loader, budget.steps), total=budget.steps, desc=desc, disable=not progress
         ):
-            batch = _to(batch, device)
+            batch = batch_to_device(batch, device)
             image = batch["image"]
             with frozen:
                 features = encoder(image)
@@ -157,7 +140,7 @@ def test_metrics(
     head.eval()
     metrics = head.build_metrics().to(device)
     for batch in DataLoader(test, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_cases):
-        batch = _to(batch, device)
+        batch = batch_to_device(batch, device)
         image = batch["image"]
         head.update_metrics(metrics, head(encoder(image), tuple(image.shape[-2:])), batch)
     return {k: float(v) for k, v in metrics.compute().items() if v.numel() == 1}
