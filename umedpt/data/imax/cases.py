@@ -4,6 +4,7 @@ image-centric and per-task datasets, and the image-centric collate function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from umedpt.data.imax.manifest import ImageRecord, ManifestError
 from umedpt.data.loading import collate_cases
+from umedpt.data.normalize import Normalization
 from umedpt.data.readers import read_image
 from umedpt.tasks import Task
 
@@ -46,6 +48,11 @@ class CaseBuilder:
     ignore_index: int = 255
     source: str = "manifest"
 
+    @functools.cached_property
+    def normalization(self) -> Normalization:
+        """The standardisation ``(x - mean) / std``, as the file readers apply it."""
+        return Normalization(mean=self.mean, std=self.std)
+
     def image(self, record: ImageRecord) -> tuple[Tensor, tuple[int, int]]:
         """The normalised (C, H, W) image and the stored (H, W) size."""
         array = read_image(self.root / record.image)  # (H, W) or (H, W, 3 | 4), values as stored
@@ -65,7 +72,7 @@ class CaseBuilder:
             array = cv2.cvtColor(array, cv2.COLOR_RGB2GRAY)[..., None]
         elif self.channels == 3 and array.shape[2] == 1:
             array = np.repeat(array, 3, axis=2)
-        array = (array - np.float32(self.mean)) / np.float32(self.std)
+        array = self.normalization.standardize(array)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), stored
 
     def target(
