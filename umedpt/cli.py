@@ -57,10 +57,10 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_WithoutTip
 
 #: command name -> "module:function"; the function takes the remaining arguments, returns an exit code.
 COMMANDS: dict[str, str] = {
-    "probe": "umedpt.probe:main",
-    "data": "umedpt.data.check:main",
+    "probe": "umedpt.commands.probe:main",
+    "data": "umedpt.commands.data:main",
     "pseudo-label": "umedpt.commands.pseudo:main",
-    "mllm-evaluate": "umedpt.mllm.evaluate:main",
+    "mllm-evaluate": "umedpt.commands.mllm_evaluate:main",
 }
 
 

@@ -6,7 +6,8 @@ scratch@100% baselines, and writes ``report.json``, ``report.md`` and ``report.p
 From Python: ``run_probe(ProbeSettings(encoders=..., tasks=...))``.
 """
 
-from umedpt.probe.cli import main
+from typing import Any
+
 from umedpt.probe.encoders import RANDOM, ProbeError, load_encoders, weights_hash
 from umedpt.probe.features import FeatureCache, Features, cached_features, extract
 from umedpt.probe.linear import LinearProbe, evaluate, fit_linear_probe
@@ -36,3 +37,12 @@ __all__ = [
     "weights_hash",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``main`` (the ``umedpt probe`` command) lives in :mod:`umedpt.commands.probe`."""
+    if name == "main":
+        from umedpt.commands.probe import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
