@@ -23,6 +23,7 @@ from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator, warmup_cosine
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import Task, as_task, check_unique
+from umedpt.weighting import COORDINATION_KEY, GradientCoordination
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +79,11 @@ class MultiTaskModule(LightningModule):
             gradient. Costs ``T x`` the encoder's size in float32; under DDP each task's backward
             synchronises. With ``grad_clip_mode: per_task`` each row (and its head) is clipped
             before aggregation; global clipping acts on the aggregated gradient.
+        coordination: the arguments of :class:`~umedpt.weighting.GradientCoordination`
+            (``{alpha: 1.0}``; ``None``: off): the task whose loss falls fastest gets a smaller
+            share of each step until the others catch up. The weight multiplies the task's
+            gradient, or with ``moments: per_task`` its AdamW direction. Logged as
+            ``train/<task>/weight``; the state is checkpointed.
         tasks_per_step: train a random subset of this many tasks per step (``None``: all). A
             batch that holds no more tasks than this is trained whole: the CLI gives the value to
             :class:`~umedpt.data.MultiTaskDataModule`, which draws the subset and loads only those
@@ -115,6 +121,7 @@ class MultiTaskModule(LightningModule):
         grad_clip_mode: Literal["global", "per_task"] = "global",
         moments: Literal["shared", "per_task"] = "shared",
         aggregator: str | dict[str, Any] = SUM,
+        coordination: dict[str, Any] | None = None,
         tasks_per_step: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
@@ -169,6 +176,10 @@ class MultiTaskModule(LightningModule):
                 "aggregator and moments='per_task' both decide how the tasks share the encoder's step; "
                 "use one of them (configs/quick.yaml sets moments: per_task: add --model.moments shared)"
             )
+        if coordination is not None and not isinstance(coordination, dict):
+            raise TypeError(f"coordination: expected the arguments of GradientCoordination (a dict), got {coordination!r}")
+        #: task weights from the tasks' recent progress (``None``: every task weighs 1)
+        self.coordination = GradientCoordination(**coordination) if coordination is not None else None
         if not isinstance(aggregator, (str, dict)):  # a callable: recorded by its (class's) name
             named = aggregator if hasattr(aggregator, "__qualname__") else type(aggregator)
             aggregator = f"{named.__module__}.{named.__qualname__}"
@@ -187,6 +198,8 @@ class MultiTaskModule(LightningModule):
         self._grad_norm: Tensor | None = None
         #: the denormal flush of a fit on CPU, entered at its start and left at its end
         self._denormal: ExitStack | None = None
+        #: the coordination weights of the last training step per task
+        self.last_weights: dict[str, float] = {}
         self.save_hyperparameters(
             {
                 "tasks": [t.to_dict() for t in task_list],
@@ -201,6 +214,7 @@ class MultiTaskModule(LightningModule):
                 "grad_clip_mode": grad_clip_mode,
                 "moments": moments,
                 "aggregator": aggregator,
+                "coordination": coordination,
                 "tasks_per_step": tasks_per_step,
                 "nonfinite": nonfinite,
                 "export_encoder": export_encoder,
@@ -275,6 +289,10 @@ class MultiTaskModule(LightningModule):
         consumed = taskwise is not None or rows is not None
         separate = self._clips_per_task or consumed
         clip_each = self.hparams.grad_clip_norm is not None and (self._clips_per_task or taskwise is not None)
+        # coordination: each task's part of the step is weighted (its gradient, or with per-task
+        # moments its AdamW direction, which the gradient's scale would not change)
+        weights = self.coordination.weights([n for g in groups for n in g]) if self.coordination else None
+        self.last_weights = weights or {}
         losses: dict[str, Tensor] = {}
         for i, group in enumerate(groups):
             last = i == len(groups) - 1
@@ -283,7 +301,10 @@ class MultiTaskModule(LightningModule):
             sync = optimizer.toggle_model(sync_grad=False) if deferred else nullcontext()
             with sync:
                 group_losses = self.group_losses(group, self.group_to_device(group, batch))
-                total = sum(group_losses.values())
+                if weights is not None and taskwise is None:
+                    total = sum(weights[n] * loss for n, loss in group_losses.items())
+                else:
+                    total = sum(group_losses.values())
                 # earlier groups' encoder gradients wait aside unless they were taken already
                 earlier = self._stash_encoder_grads() if separate and not consumed else None
                 if attached:
@@ -295,7 +316,8 @@ class MultiTaskModule(LightningModule):
                 if earlier is not None:
                     self._restore_encoder_grads(earlier)
                 if taskwise is not None:
-                    taskwise.accumulate("+".join(group))
+                    scale = sum(weights[n] for n in group) / len(group) if weights is not None else 1.0
+                    taskwise.accumulate("+".join(group), scale)
                 if rows is not None:
                     rows.append(self._take_encoder_grad())
             losses.update({name: loss.detach() for name, loss in group_losses.items()})
@@ -434,6 +456,8 @@ class MultiTaskModule(LightningModule):
         optimizer.step()
         self.lr_schedulers().step()
         self.last_losses = losses
+        if self.coordination is not None:
+            self.coordination.update({n: float(v) for n, v in losses.items()})
         total = torch.stack(list(losses.values())).sum()
         # each task's own loss, smoothed over the steps that trained it (train/loss mixes tasks)
         for name, value in losses.items():
@@ -447,6 +471,8 @@ class MultiTaskModule(LightningModule):
                 {f"train/{n}/loss_smooth": self._loss_ema[n] for n in losses}, batch_size=batch_size
             )
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=batch_size)
+            if self.last_weights:
+                self.log_dict({f"train/{n}/weight": w for n, w in self.last_weights.items()}, batch_size=batch_size)
             if self._grad_norm is not None:
                 self.log("train/grad_norm", self._grad_norm)
         return total
@@ -547,10 +573,14 @@ class MultiTaskModule(LightningModule):
         # stochastic depth, dropout and host-side augmentation draw from these streams: a run
         # resumed from this checkpoint continues them instead of restarting them
         checkpoint[RNG_KEY] = rng_states()
+        if self.coordination is not None:
+            checkpoint[COORDINATION_KEY] = self.coordination.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if RNG_KEY in checkpoint:
             restore_rng_states(checkpoint[RNG_KEY])
+        if self.coordination is not None and COORDINATION_KEY in checkpoint:
+            self.coordination.load_state_dict(checkpoint[COORDINATION_KEY])
 
     def configure_model(self) -> None:
         if self.hparams.compile_encoder and not self._encoder_compiled:

@@ -80,9 +80,9 @@ class TaskwiseAdamW(torch.optim.Optimizer):
         return moments
 
     @torch.no_grad()
-    def accumulate(self, task: str) -> None:
+    def accumulate(self, task: str, scale: float = 1.0) -> None:
         """Take the gradients now in ``.grad`` as ``task``'s: update its moments, add its AdamW
-        direction to the step, and clear ``.grad``."""
+        direction, times ``scale``, to the step, and clear ``.grad``."""
         if not isinstance(task, str):
             raise TypeError(f"TaskwiseAdamW.accumulate: task must be a str, got {type(task).__name__}")
         for group in self.param_groups:
@@ -111,7 +111,7 @@ class TaskwiseAdamW(torch.optim.Optimizer):
                 amsgrad=False,
                 beta1=beta1,
                 beta2=beta2,
-                lr=-1.0,
+                lr=-float(scale),
                 weight_decay=0.0,
                 eps=group["eps"],
                 maximize=False,
