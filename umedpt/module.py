@@ -457,7 +457,12 @@ class MultiTaskModule(LightningModule):
         self.lr_schedulers().step()
         self.last_losses = losses
         if self.coordination is not None:
-            self.coordination.update({n: float(v) for n, v in losses.items()})
+            # every rank weighs the tasks alike: from the losses averaged over the ranks
+            values = torch.stack([v.float() for v in losses.values()])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(values)
+                values /= torch.distributed.get_world_size()
+            self.coordination.update(dict(zip(losses, values.tolist(), strict=True)))
         total = torch.stack(list(losses.values())).sum()
         # each task's own loss, smoothed over the steps that trained it (train/loss mixes tasks)
         for name, value in losses.items():
