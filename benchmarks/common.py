@@ -145,20 +145,7 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 def quiet_trainer(max_steps: int, **kwargs: Any) -> Any:
     """A CPU Trainer for ``max_steps`` optimizer steps with no logger, checkpoints, progress bar,
     summary or validation (benchmarks evaluate on their own); ``kwargs`` add to or override it."""
-    from lightning import Trainer
+    from umedpt.testing import quiet_trainer as trainer
 
-    settings: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "max_epochs": -1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        "default_root_dir": str(ROOT / "runs" / "benchmarks"),
-    }
-    return Trainer(**{**settings, **kwargs})
+    return trainer(max_steps=max_steps, default_root_dir=str(ROOT / "runs" / "benchmarks"), **kwargs)
 

@@ -42,6 +42,8 @@ def worker(recipe: str, steps: int, out: Path) -> None:
     from lightning import Callback, Trainer
     from loop_overhead import StepClock, loader
 
+    from umedpt.testing import quiet_trainer
+
     class HookCounter(Callback):
         """Registers the counting hook; records the hook calls of each step."""
 
@@ -64,19 +66,7 @@ def worker(recipe: str, steps: int, out: Path) -> None:
     batches = fixed_batches(recipe, model.task_names, steps, "cpu", seed=rank)
     clock, counter = StepClock(), HookCounter()
     strategy = "auto" if world == 1 else "ddp_find_unused_parameters_true"
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=strategy,
-        max_steps=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        callbacks=[clock, counter],
-    )
+    trainer = quiet_trainer(devices=world, strategy=strategy, max_steps=steps, callbacks=[clock, counter])
     trainer.fit(model, train_dataloaders=loader(batches))
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)][1:]

@@ -69,19 +69,8 @@ PROBES = ("count_bin", "size_bin")
 
 def quiet_trainer(**kw: Any) -> Any:
     """A CPU Trainer without logger, checkpoints, progress bar or validation."""
-    from lightning import Trainer
 
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **kw,
-    )
+    return quiet_trainer(**kw)
 
 
 def fresh_model(args: argparse.Namespace, seed: int) -> ImageCentricModule:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import Trainer
 from omegaconf import OmegaConf
 
 from heads.detection import DetectionHead
@@ -19,6 +18,7 @@ from umedpt import MultiTaskModule, SwinEncoder
 from umedpt.data import MultiTaskDataModule
 from umedpt.data.loading import collate_cases
 from umedpt.tasks import Task
+from umedpt.testing import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,17 +45,7 @@ def fit_one_task(task: Task, num_samples: int, steps: int) -> tuple[MultiTaskMod
         num_workers=0,
         dataset_defaults={"image_size": 64, "num_samples": num_samples, "cache": True},
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=steps)
     trainer.fit(model, datamodule=data)
     return model.eval(), data.datasets["train"][task.name]
 

@@ -15,6 +15,7 @@ from tests.conftest import TINY_ENCODER, mixed_tasks, random_batch
 from umedpt import MultiTaskModule, SwinEncoder, Task
 from umedpt.encoder import find_batchnorm
 from umedpt.module import NonFiniteLossError
+from umedpt.testing import quiet_trainer
 
 
 def make_module(tasks: list[Task], **kw: Any) -> MultiTaskModule:
@@ -324,11 +325,7 @@ def test_per_task_moments_fit_equals_a_manual_taskwise_adamw_loop(tasks, batch, 
     batches = [batch, {t.name: random_batch(t, seed=7 + i) for i, t in enumerate(tasks)}, batch]
 
     def fit(module: MultiTaskModule) -> Trainer:
-        trainer = Trainer(
-            accelerator="cpu", max_steps=len(batches), logger=False, enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-            num_sanity_val_steps=0, default_root_dir=tmp_path,
-        )
+        trainer = quiet_trainer(max_steps=len(batches), default_root_dir=tmp_path)
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
         return trainer
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning import Trainer
 
 from tests.test_imax import NAMES, make_module, make_world, tiny_tasks
 from umedpt.cli import main
@@ -21,6 +20,7 @@ from umedpt.data.imax import (
     write_manifest,
 )
 from umedpt.data.readers import read_image
+from umedpt.testing import quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +125,7 @@ def test_pseudo_label_command_from_a_checkpoint_then_stage_3_data(dmax, tmp_path
     # stage 1 (one step is enough to get a real Lightning checkpoint)
     model = make_module()
     data = ImageCentricDataModule(str(dmax), tiny_tasks(), sampling="task", image_size=64)
-    trainer = Trainer(
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
     trainer.fit(model, data)
     ckpt = tmp_path / "stage1.ckpt"
     trainer.save_checkpoint(ckpt)

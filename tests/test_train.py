@@ -18,6 +18,7 @@ from umedpt import MultiTaskModule, SwinEncoder, load_encoder
 from umedpt.cli import main
 from umedpt.data import MultiTaskDataModule
 from umedpt.device import default_precision
+from umedpt.testing import quiet_trainer
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -37,18 +38,7 @@ def build(num_samples: int, batch_size: int, init_seed: int = 0, drop_path_rate:
 
 
 def trainer(tmp_path: Path, **kw: Any) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return Trainer(**{**defaults, **kw})
+    return quiet_trainer(**{"default_root_dir": tmp_path, **kw})
 
 
 class RecordLosses(Callback):

@@ -19,7 +19,7 @@ from umedpt.device import batch_to_device, flush_denormal
 from umedpt.encoder import SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
 from umedpt.kinds import get_kind
-from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator, warmup_cosine
+from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator, warmup_cosine, warmup_length
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import Task, as_task, check_unique
@@ -565,8 +565,8 @@ class MultiTaskModule(LightningModule):
             # fused: one kernel per step, no temporaries the size of the parameters (foreach has them)
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
         total = max(1, total_steps)
-        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
-        return optimizer, LambdaLR(optimizer, warmup_cosine(max(1, warmup), total, hp.min_lr_ratio))
+        schedule = warmup_cosine(warmup_length(hp.warmup_steps, total), total, hp.min_lr_ratio)
+        return optimizer, LambdaLR(optimizer, schedule)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))

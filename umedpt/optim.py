@@ -190,6 +190,12 @@ def build_aggregator(spec: Any) -> Callable[[Tensor], Tensor] | None:
     return aggregator
 
 
+def warmup_length(warmup: float, total_steps: int) -> int:
+    """Warmup steps (at least 1) of a run of ``total_steps``: ``warmup`` < 1 is a fraction of
+    them, otherwise a count."""
+    return max(1, int(warmup * total_steps) if warmup < 1 else int(warmup))
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
     """Learning-rate multiplier (for ``LambdaLR``): linear warmup to 1 over ``warmup_steps``, then
     cosine decay to ``min_lr_ratio`` at ``total_steps``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,22 @@ STAGE_SPLITS: dict[str, tuple[str, ...]] = {
     "test": ("test",),
     "predict": ("test",),
 }
+
+
+def resolved_data(task: Task, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``task.data`` (``class_path``, ``init_args``) with those of the ``defaults`` that its dataset
+    class accepts and its own ``init_args`` do not set: how ``dataset_defaults`` reach a task.
+
+    Raises:
+        ValueError: the task has no data, or its class does not import.
+    """
+    if task.data is None:
+        raise ValueError(f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec")
+    cls = import_class(task.data["class_path"], f"task {task.name!r}: data class")
+    accepted = inspect.signature(cls).parameters
+    init_args = {k: v for k, v in defaults.items() if k in accepted}
+    init_args.update(task.data.get("init_args") or {})
+    return {"class_path": task.data["class_path"], "init_args": init_args}
 
 
 class TaskDataError(DataError):
@@ -104,16 +121,9 @@ class MultiTaskDataModule(LightningDataModule):
         Raises:
             TaskDataError: naming the task and split, chained to the constructor's error.
         """
-        if task.data is None:
-            raise ValueError(
-                f"task {task.name!r} has no data: set data.class_path (and init_args) in its spec"
-            )
-        cls = import_class(task.data["class_path"], f"task {task.name!r}: data class")
-        init_args = dict(task.data.get("init_args") or {})
-        accepted = inspect.signature(cls).parameters
-        for key, value in self.dataset_defaults.items():
-            if key in accepted and key not in init_args:
-                init_args[key] = value
+        data = resolved_data(task, self.dataset_defaults)
+        cls = import_class(data["class_path"], f"task {task.name!r}: data class")
+        init_args = data["init_args"]
         try:
             return cls(split=split, **init_args)
         except (TypeError, ValueError, OSError, IndexError) as err:

@@ -9,18 +9,15 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from umedpt.data.datamodule import STAGE_SPLITS as TASK_STAGE_SPLITS
 from umedpt.data.loading import ResumableDataLoader
 from umedpt.mllm.data import DatasetBatchSampler, InstructionDataset, collate_instructions, read_records
 from umedpt.mllm.synthetic import generate_instructions
 
 DEFAULT_SYNTHETIC_IMAGES: dict[str, int] = {"train": 192, "val": 8, "test": 16}
-#: splits each Lightning stage reads
-STAGE_SPLITS: dict[str, tuple[str, ...]] = {
-    "fit": ("train", "val"),
-    "validate": ("val",),
-    "test": ("test",),
-    "predict": ("predict",),
-}
+#: splits each Lightning stage reads: those of :data:`umedpt.data.datamodule.STAGE_SPLITS`, except
+#: that predict reads the instruction file's own ``predict`` split
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {**TASK_STAGE_SPLITS, "predict": ("predict",)}
 
 
 class InstructionDataModule(LightningDataModule):

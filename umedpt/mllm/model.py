@@ -21,7 +21,7 @@ from umedpt.mllm.llm import add_lora, build_llm, build_word_tokenizer, load_toke
 from umedpt.mllm.prompts import IMAGE_PLACEHOLDER, IMAGE_TASKS, build_prompt
 from umedpt.mllm.resampler import ResampleMethod, Resampler
 from umedpt.mllm.synthetic import synthetic_vocabulary
-from umedpt.optim import warmup_cosine
+from umedpt.optim import warmup_cosine, warmup_length
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 
 #: the tiny Swin of ``configs/quick.yaml`` (random weights): the demo encoder when none is given
@@ -392,8 +392,7 @@ class MLLMModule(LightningModule):
             param_groups_weight_decay(self, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95)
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
-        scheduler = LambdaLR(optimizer, warmup_cosine(max(1, warmup), total, hp.min_lr_ratio))
+        scheduler = LambdaLR(optimizer, warmup_cosine(warmup_length(hp.warmup_steps, total), total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:

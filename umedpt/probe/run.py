@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import sys
 import time
@@ -18,6 +17,7 @@ from torch.utils.data import Dataset
 
 import umedpt
 from umedpt.data.datamodule import SPLITS, MultiTaskDataModule
+from umedpt.data.datamodule import resolved_data as data_with_defaults
 from umedpt.encoder import SwinEncoder
 from umedpt.probe.encoders import ProbeError, load_encoders, random_encoder, weights_hash
 from umedpt.probe.features import FeatureCache, cached_features, check_channels
@@ -25,7 +25,7 @@ from umedpt.probe.linear import C_GRID, evaluate, fit_linear_probe
 from umedpt.probe.report import mean_std, summarise, write_report
 from umedpt.probe.subsets import check_fraction, check_labels, stratified_subset
 from umedpt.probe.train import TrainBudget, train_and_test
-from umedpt.tasks import Task, as_task, check_unique, import_class
+from umedpt.tasks import Task, as_task, check_unique
 
 #: default training fractions
 FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -102,14 +102,12 @@ class ProbeSettings:
 
 
 def resolved_data(task: Task, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``task.data`` with the ``defaults`` its dataset class accepts (the task's own values win)."""
-    if task.data is None:
-        raise ProbeError(f"task {task.name!r} has no data: set data.class_path (and init_args)")
-    cls = import_class(task.data["class_path"], f"task {task.name!r}: data class")
-    accepted = inspect.signature(cls).parameters
-    init_args = {k: v for k, v in defaults.items() if k in accepted}
-    init_args.update(task.data.get("init_args") or {})
-    return {"class_path": task.data["class_path"], "init_args": init_args}
+    """``task.data`` with the ``defaults`` its dataset class accepts (the task's own values win);
+    :func:`umedpt.data.datamodule.resolved_data`, its errors as :class:`ProbeError`."""
+    try:
+        return data_with_defaults(task, defaults)
+    except (ValueError, ImportError, TypeError) as err:
+        raise ProbeError(str(err)) from err
 
 
 def build_splits(

@@ -25,7 +25,7 @@ from heads.base import TaskHead
 from umedpt.data.loading import collate_cases
 from umedpt.device import batch_to_device, flush_denormal
 from umedpt.encoder import SwinEncoder
-from umedpt.optim import warmup_cosine
+from umedpt.optim import warmup_cosine, warmup_length
 from umedpt.tasks import Task
 
 
@@ -54,6 +54,8 @@ class TrainBudget:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.encoder_lr < 0:
             raise ValueError(f"TrainBudget: steps, batch_size and lr must be positive, got {self}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"TrainBudget: warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
 
 def _batches(loader: DataLoader, steps: int) -> Iterator[dict[str, Any]]:
@@ -98,8 +100,7 @@ def train_and_test(
         groups.append({"params": list(encoder.parameters()), "lr": budget.encoder_lr})
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=budget.lr, weight_decay=budget.weight_decay)
-    warmup = max(1, int(budget.warmup * budget.steps))
-    scheduler = LambdaLR(optimizer, warmup_cosine(warmup, budget.steps, 0.01))
+    scheduler = LambdaLR(optimizer, warmup_cosine(warmup_length(budget.warmup, budget.steps), budget.steps, 0.01))
     loader = DataLoader(
         Subset(train, [int(i) for i in indices]),
         batch_size=min(budget.batch_size, len(indices)),

@@ -68,7 +68,8 @@ class CocoDetectionDataset(FileDataset):
         resize: ResizeMode = "stretch",
         nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "detection", image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
+        super().__init__(split, "detection", image_size=image_size, transform=transform, normalize=normalize,
+                         channels=channels, resize=resize, nonfinite=nonfinite)
         if "{split}" not in annotations:
             raise ValueError(
                 f"CocoDetectionDataset: annotations {annotations!r} needs {{split}} in its path "

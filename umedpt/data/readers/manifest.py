@@ -194,7 +194,8 @@ class ManifestDataset(FileDataset):
         if task_kind.label_columns is None:
             tabular = [k for k in kind_names() if get_kind(k).label_columns is not None]
             raise ValueError(f"ManifestDataset: kind must be one with a table form {tabular}, got {kind!r}")
-        super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
+        super().__init__(split, kind, image_size=image_size, transform=transform, normalize=normalize,
+                         channels=channels, resize=resize, nonfinite=nonfinite)
         table = read_table(manifest, split, split_column, delimiter)
         columns = [label_column] if isinstance(label_column, str) else list(label_column)
         table.require(path_column, *columns)
@@ -241,7 +242,8 @@ class ImageFolderDataset(FileDataset):
         resize: ResizeMode = "stretch",
         nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "classification", image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
+        super().__init__(split, "classification", image_size=image_size, transform=transform, normalize=normalize,
+                         channels=channels, resize=resize, nonfinite=nonfinite)
         directory = split_path(root, split)
         if not directory.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset: folder {directory} of the {split} split not found")

@@ -82,7 +82,8 @@ class MedMNISTDataset(FileDataset):
         fewest, most = task_kind.label_columns
         if not fewest <= labels.shape[1] <= (most or labels.shape[1]):
             raise ValueError(f"{file}: {split}_labels has {labels.shape[1]} columns; {kind} needs {fewest}")
-        super().__init__(split, kind, image_size, transform, normalize, channels, resize, nonfinite=nonfinite)
+        super().__init__(split, kind, image_size=image_size, transform=transform, normalize=normalize,
+                         channels=channels, resize=resize, nonfinite=nonfinite)
         self.path = file
         self.images = images
         if num_classes is None and class_names is None:

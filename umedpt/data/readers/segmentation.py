@@ -86,8 +86,8 @@ class SegmentationDataset(FileDataset):
         resize: ResizeMode = "stretch",
         nonfinite: NonFinite = "error",
     ) -> None:
-        super().__init__(split, "segmentation", image_size, transform, normalize, channels, resize, ignore_index,
-                         nonfinite)
+        super().__init__(split, "segmentation", image_size=image_size, transform=transform, normalize=normalize,
+                         channels=channels, resize=resize, ignore_index=ignore_index, nonfinite=nonfinite)
         name = type(self).__name__
         self.set_classes(num_classes, class_names)
         if 0 <= ignore_index < self.num_classes:

@@ -121,9 +121,11 @@ class NiftiSliceDataset(SegmentationDataset):
         nonfinite: NonFinite = "error",
     ) -> None:
         super().__init__(
-            images, masks, split, num_classes, class_names, manifest, image_column, mask_column, split_column,
-            root, mask_suffix, mask_values, ignore_index, image_size, transform, normalize, channels, resize,
-            nonfinite,
+            images=images, masks=masks, split=split, num_classes=num_classes, class_names=class_names,
+            manifest=manifest, image_column=image_column, mask_column=mask_column, split_column=split_column,
+            root=root, mask_suffix=mask_suffix, mask_values=mask_values, ignore_index=ignore_index,
+            image_size=image_size, transform=transform, normalize=normalize, channels=channels, resize=resize,
+            nonfinite=nonfinite,
         )
         if axis not in (0, 1, 2):
             raise ValueError(f"NiftiSliceDataset: axis must be 0, 1 or 2, got {axis}")
