@@ -132,3 +132,46 @@ def test_task_gradients_of_a_multitask_module_equal_autograd_per_batch():
             assert torch.allclose(grads[t.name][k], expected, atol=1e-6)
     out = interference(grads)
     assert out["gd"].shape == (2, 2) and torch.isfinite(out["gd"]).all()
+
+
+def test_count_sketch_is_linear_and_keeps_inner_products_within_its_bound():
+    from umedpt.diagnostics import CountSketch
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4000, generator=g, dtype=torch.float64), torch.randn(4000, generator=g, dtype=torch.float64)
+    y = 0.6 * x + 0.8 * y  # cosine 0.6
+    sketch = CountSketch(4000, 500, seed=1)
+    assert torch.allclose(sketch(2 * x - y), 2 * sketch(x) - sketch(y))
+    assert torch.equal(CountSketch(4000, 500, seed=1)(x), sketch(x))  # same seed, same map
+    estimates = torch.tensor([float(CountSketch(4000, 500, seed=s)(x) @ CountSketch(4000, 500, seed=s)(y)) for s in range(300)])
+    exact = float(x @ y)
+    bound = 2 * float(x @ x) * float(y @ y) / 500  # the variance bound of the docstring
+    assert abs(float(estimates.mean()) - exact) < 4 * math.sqrt(bound / 300)  # unbiased
+    assert float(estimates.var()) <= bound
+    with pytest.raises(ValueError, match="expected a 1-D tensor of length 4000"):
+        sketch(torch.zeros(10))
+
+
+def test_interference_of_sketched_gradients_is_close_to_the_exact_one():
+    from umedpt.diagnostics import CountSketch
+
+    base = gradients(4, 20000, seed=3)
+    grads = {"a": base, "b": [0.5 * g + 0.5 * h for g, h in zip(base, gradients(4, 20000, seed=4), strict=True)]}
+    exact = interference(grads)
+    sketch = CountSketch(20000, 10000, seed=0)
+    approx = interference({t: [sketch(g) for g in rows] for t, rows in grads.items()})
+    # cosines off by about sqrt(2 / 10000) = 0.014
+    assert torch.allclose(approx["gd"], exact["gd"], atol=0.05) and torch.allclose(approx["gm"], exact["gm"], atol=0.05)
+
+
+def test_diagnose_summarises_every_measure():
+    from umedpt.diagnostics import diagnose
+
+    grads = {"a": gradients(3, 50, seed=5), "b": gradients(2, 50, seed=6)}
+    out = diagnose(grads)
+    assert out["tasks"] == ["a", "b"] and len(out["gd"]) == 2 and len(out["statistics_score"]) == 50
+    assert out["gd"] == interference(grads)["gd"].tolist()
+    allg = torch.stack([*grads["a"], *grads["b"]])
+    assert out["fisher"]["all"]["se"] == pytest.approx(spectral_entropy(fisher_spectrum(allg)))
+    assert out["fisher"]["a"]["rho"] == pytest.approx(dominant_ratio(fisher_spectrum(torch.stack(grads["a"]))))
+    assert out["grad_norm"][1] == pytest.approx(float(torch.stack(grads["b"]).norm(dim=1).mean()))

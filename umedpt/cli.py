@@ -61,6 +61,7 @@ COMMANDS: dict[str, str] = {
     "data": "umedpt.commands.data:main",
     "pseudo-label": "umedpt.commands.pseudo:main",
     "mllm-evaluate": "umedpt.commands.mllm_evaluate:main",
+    "diagnose": "umedpt.commands.diagnose:main",
 }
 
 
@@ -70,6 +71,7 @@ COMMAND_HELP: dict[str, str] = {
     "data": "check task data before training: umedpt data check -c CONFIG",
     "pseudo-label": "cross-task pseudo labels from trained heads into a new manifest (pseudo-IMAX)",
     "mllm-evaluate": "score the generated answers of an MLLM predict run per task and dataset",
+    "diagnose": "tug-of-war and Fisher spectrum of the tasks of trained checkpoints (umedpt diagnose --help)",
 }
 
 DESCRIPTION = (

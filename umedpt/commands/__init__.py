@@ -10,5 +10,6 @@ import them (the old paths ``umedpt.data.check.main``, ``umedpt.probe.main``,
 ``probe``               ``umedpt probe`` / ``lightning probe``: frozen encoders on held-out tasks
 ``pseudo``              ``umedpt pseudo-label``: cross-task pseudo labels into a new manifest
 ``mllm_evaluate``       ``umedpt mllm-evaluate``: scores of an MLLM predict run
+``diagnose``            ``umedpt diagnose``: task interference and Fisher spectrum of checkpoints
 ======================  ========================================================================
 """
