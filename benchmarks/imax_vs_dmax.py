@@ -22,6 +22,7 @@ untrained encoder. Pseudo-label quality is measured against the world's true lab
 
     python benchmarks/imax_vs_dmax.py                  # about 10 minutes on 2 CPU cores
     python benchmarks/imax_vs_dmax.py --seeds 0 1 2    # training seeds (the world stays the same)
+    python benchmarks/imax_vs_dmax.py --seeds 0 1 2 --variants dmax imax --fisher --name imax_vs_dmax_fisher_cpu
 
 Writes ``benchmarks/results/imax_vs_dmax_cpu.json`` and prints Markdown tables.
 """
@@ -56,6 +57,7 @@ from umedpt.data.imax import (
 )
 from umedpt.data.readers import read_image
 from umedpt.image_centric import ImageCentricModule
+from umedpt.testing import quiet_trainer
 
 TASKS = ("grade", "objects", "segmentation", "detection")
 HEAD_METRICS = {
@@ -65,12 +67,6 @@ HEAD_METRICS = {
     "detection": "map_50",
 }
 PROBES = ("count_bin", "size_bin")
-
-
-def quiet_trainer(**kw: Any) -> Any:
-    """A CPU Trainer without logger, checkpoints, progress bar or validation."""
-
-    return quiet_trainer(**kw)
 
 
 def fresh_model(args: argparse.Namespace, seed: int) -> ImageCentricModule:
@@ -91,16 +87,33 @@ def fresh_model(args: argparse.Namespace, seed: int) -> ImageCentricModule:
 
 def train(
     manifest: Path, sampling: str, args: argparse.Namespace, seed: int
-) -> tuple[ImageCentricModule, float]:
-    """Fit a fresh model on ``manifest``; return it and the training seconds."""
+) -> tuple[ImageCentricModule, float, dict[str, Any] | None]:
+    """Fit a fresh model on ``manifest``; return it, the training seconds and (with ``--fisher``)
+    the Fisher spectrum summaries at IMAX's four phases, measured on the validation images
+    (the same for every variant)."""
+    from umedpt.diagnostic_callbacks import FisherSpectrumCallback
+
     model = fresh_model(args, seed)
     tasks = list(model.tasks.values())
     data = ImageCentricDataModule(
         str(manifest), tasks, sampling=sampling, batch_size=args.batch_size, image_size=64, seed=seed
     )
+    fisher = FisherSpectrumCallback(num_batches=args.fisher_batches, split="val", dirname=f"fisher_{sampling}_{seed}")
+    callbacks = [fisher] if args.fisher else []
     start = time.perf_counter()
-    quiet_trainer(max_steps=args.steps).fit(model, data)
-    return model, time.perf_counter() - start
+    quiet_trainer(max_steps=args.steps, callbacks=callbacks, default_root_dir=str(args.tmp)).fit(model, data)
+    seconds = time.perf_counter() - start
+    phases = None
+    if args.fisher:
+        phases = {
+            label: {
+                "step": r["step"],
+                "all": {k: r["fisher"]["all"][k] for k in ("se", "rho")},
+                "tasks": {t: {k: v[k] for k in ("se", "rho")} for t, v in r["fisher"].items() if t != "all"},
+            }
+            for label, r in fisher.results.items()
+        }
+    return model, seconds, phases
 
 
 def evaluate(model: ImageCentricModule, world: Path) -> dict[str, float]:
@@ -180,6 +193,12 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=128, help="validation (probe fit) and test images")
     parser.add_argument("--pseudo-weight", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=["dmax", "imax", "pseudo_imax"],
+                        choices=["dmax", "imax", "pseudo_imax"], help="trained variants (random is always evaluated)")
+    parser.add_argument("--fisher", action="store_true",
+                        help="Fisher spectral entropy / dominant ratio at the four phases (validation images)")
+    parser.add_argument("--fisher-batches", type=int, default=4, help="batches per task of each Fisher measurement")
+    parser.add_argument("--name", default="imax_vs_dmax_cpu", help="result file name")
     args = parser.parse_args()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -187,7 +206,7 @@ def main() -> None:
         "ignore", message=r".*(does not have many workers|LeafSpec|smaller than the logging).*"
     )
 
-    tmp = Path(tempfile.mkdtemp(prefix="imax_vs_dmax_"))
+    tmp = args.tmp = Path(tempfile.mkdtemp(prefix="imax_vs_dmax_"))
     counts = {"train": len(TASKS) * args.per_task, "val": args.eval_images, "test": args.eval_images}
     world = write_synthetic_world(tmp, args.style, counts, image_size=64)
     records = read_manifest(world)
@@ -199,29 +218,35 @@ def main() -> None:
         runs.append(
             {"variant": "random", "seed": seed, "train_s": 0.0, **evaluate(fresh_model(args, seed), world)}
         )
-        dmax_model, seconds = train(dmax, "task", args, seed)
-        runs.append({"variant": "dmax", "seed": seed, "train_s": seconds, **evaluate(dmax_model, world)})
-        imax_model, seconds = train(imax, "image", args, seed)
-        runs.append({"variant": "imax", "seed": seed, "train_s": seconds, **evaluate(imax_model, world)})
-        # stage 2: the DMAX model's heads label the other tasks' images
-        start = time.perf_counter()
-        dm = ImageCentricDataModule(str(dmax), list(dmax_model.tasks.values()), image_size=64)
-        labelled, _ = pseudo_label(
-            dmax_model, dm.load_records(), dm.builder, tmp / f"masks_{seed}", Thresholds()
-        )
-        pseudo = write_manifest(labelled, tmp / f"pseudo_{seed}.jsonl")
-        label_s = time.perf_counter() - start
-        quality = pseudo_quality(labelled, records, tmp)
-        # stage 3: a fresh model on real + pseudo labels, image-centric
-        pseudo_model, seconds = train(pseudo, "image", args, seed)
-        row = {"variant": "pseudo_imax", "seed": seed, "train_s": seconds, **evaluate(pseudo_model, world)}
-        runs.append({**row, "pseudo_label_s": round(label_s, 1), "pseudo": quality})
-        for r in runs[-4:]:
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        dmax_model, seconds, phases = train(dmax, "task", args, seed)
+        if "dmax" in args.variants:
+            runs.append({"variant": "dmax", "seed": seed, "train_s": seconds, **evaluate(dmax_model, world),
+                         **({"fisher": phases} if phases else {})})  # fmt: skip
+        if "imax" in args.variants:
+            imax_model, seconds, phases = train(imax, "image", args, seed)
+            runs.append({"variant": "imax", "seed": seed, "train_s": seconds, **evaluate(imax_model, world),
+                         **({"fisher": phases} if phases else {})})  # fmt: skip
+        if "pseudo_imax" in args.variants:
+            # stage 2: the DMAX model's heads label the other tasks' images
+            start = time.perf_counter()
+            dm = ImageCentricDataModule(str(dmax), list(dmax_model.tasks.values()), image_size=64)
+            labelled, _ = pseudo_label(
+                dmax_model, dm.load_records(), dm.builder, tmp / f"masks_{seed}", Thresholds()
+            )
+            pseudo = write_manifest(labelled, tmp / f"pseudo_{seed}.jsonl")
+            label_s = time.perf_counter() - start
+            quality = pseudo_quality(labelled, records, tmp)
+            # stage 3: a fresh model on real + pseudo labels, image-centric
+            pseudo_model, seconds, phases = train(pseudo, "image", args, seed)
+            row = {"variant": "pseudo_imax", "seed": seed, "train_s": seconds, **evaluate(pseudo_model, world)}
+            runs.append({**row, "pseudo_label_s": round(label_s, 1), "pseudo": quality,
+                         **({"fisher": phases} if phases else {})})  # fmt: skip
+        for r in runs[-(1 + len(args.variants)):]:
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "fisher"}, flush=True)
 
     columns = [*TASKS, *(f"probe_{p}" for p in PROBES), "train_s"]
     table, summary = [], {}
-    for variant in ("random", "dmax", "imax", "pseudo_imax"):
+    for variant in ("random", *args.variants):
         chosen = [r for r in runs if r["variant"] == variant]
         summary[variant] = {c: statistics.mean(r[c] for r in chosen) for c in columns}
         cells = []
@@ -237,14 +262,35 @@ def main() -> None:
         [task, r["seed"], r["pseudo"][task]["coverage"], r["pseudo"][task]["agreement"]]
         for r in runs if r["variant"] == "pseudo_imax" for task in TASKS
     ]  # fmt: skip
-    print("\npseudo labels (coverage of candidate images, agreement with the true labels)\n")
-    print(markdown_table(["task", "seed", "coverage", "agreement"], quality_rows))
+    if quality_rows:
+        print("\npseudo labels (coverage of candidate images, agreement with the true labels)\n")
+        print(markdown_table(["task", "seed", "coverage", "agreement"], quality_rows))
+    fisher_rows, fisher_summary = [], {}
+    if args.fisher:
+        for variant in args.variants:
+            chosen = [r for r in runs if r["variant"] == variant]
+            for phase in chosen[0]["fisher"]:
+                cells = {}
+                for key in ("se", "rho"):
+                    for scope in ("all", "tasks"):
+                        values = [
+                            r["fisher"][phase]["all"][key] if scope == "all"
+                            else statistics.mean(v[key] for v in r["fisher"][phase]["tasks"].values())
+                            for r in chosen
+                        ]  # fmt: skip
+                        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                        cells[f"{key}_{scope}"] = (statistics.mean(values), spread)
+                fisher_summary.setdefault(variant, {})[phase] = {k: list(v) for k, v in cells.items()}
+                fisher_rows.append([variant, phase, *(f"{m:.3f} ± {sd:.3f}" for m, sd in cells.values())])
+        print("\nFisher information of the task gradients on the validation images (mean ± sd over seeds;"
+              " 'all': every task's gradients together, 'tasks': mean of the per-task values)\n")
+        print(markdown_table(["variant", "phase", "SE all", "SE tasks", "rho all", "rho tasks"], fisher_rows))
     write_result(
-        "imax_vs_dmax_cpu",
+        args.name,
         {
             "benchmark": "imax_vs_dmax",
             "device": device_name("cpu"),
-            "settings": vars(args),
+            "settings": {k: v for k, v in vars(args).items() if k != "tmp"},
             "budget": {
                 "per_task_real_labels": args.per_task,
                 "dmax_images": counts["train"],
@@ -252,6 +298,7 @@ def main() -> None:
             },
             "thresholds": vars(Thresholds()),
             "summary": summary,
+            **({"fisher_summary": fisher_summary} if args.fisher else {}),
             "runs": runs,
         },
     )

@@ -34,14 +34,16 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     untrained = copy.deepcopy(model)
     interference_cb = InterferenceCallback(steps=[0, 6], num_batches=2)
     fisher_cb = FisherSpectrumCallback(num_batches=2)
+    on_val = InterferenceCallback(steps=[6], num_batches=1, split="val", dirname="diagnostics_val")
     trainer = quiet_trainer(
-        max_steps=6, logger=CSVLogger(root, name="logs"), callbacks=[interference_cb, fisher_cb], default_root_dir=root
-    )
+        max_steps=6, logger=CSVLogger(root, name="logs"), callbacks=[interference_cb, fisher_cb, on_val],
+        default_root_dir=root,
+    )  # fmt: skip
     trainer.fit(model, datamodule=data)
     ckpt = root / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     return {"root": root, "trainer": trainer, "data": data, "untrained": untrained, "ckpt": ckpt,
-            "interference": interference_cb, "fisher": fisher_cb}  # fmt: skip
+            "interference": interference_cb, "fisher": fisher_cb, "on_val": on_val, "model": model}  # fmt: skip
 
 
 def test_callbacks_measure_at_their_steps_and_phases_and_log(fitted):
@@ -64,6 +66,12 @@ def test_callbacks_measure_at_their_steps_and_phases_and_log(fitted):
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"diag/xr_grade/tug_of_war", "diag/statistics_score", "diag/fisher/all/se", "diag/fisher/ct_seg/rho"} <= logged
+
+
+def test_a_callback_measures_on_the_split_it_is_given(fitted):
+    expected = measure(fitted["model"], fitted["data"].datasets["val"], num_batches=1)
+    assert sum(fitted["on_val"].results["step_6"]["gd"], []) == pytest.approx(sum(expected["gd"], []), rel=1e-6)
+    assert fitted["on_val"].results["step_6"]["gd"] != fitted["interference"].results["step_6"]["gd"]
 
 
 def test_callback_arguments_are_checked():

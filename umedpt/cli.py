@@ -67,7 +67,7 @@ COMMANDS: dict[str, str] = {
 
 #: one line per command of :data:`COMMANDS`, for ``--help``
 COMMAND_HELP: dict[str, str] = {
-    "probe": "linear probes of frozen encoders on held-out tasks (umedpt probe --help)",
+    "probe": "probes (linear, or the task's head) of frozen encoders on held-out tasks (umedpt probe --help)",
     "data": "check task data before training: umedpt data check -c CONFIG",
     "pseudo-label": "cross-task pseudo labels from trained heads into a new manifest (pseudo-IMAX)",
     "mllm-evaluate": "score the generated answers of an MLLM predict run per task and dataset",

@@ -194,6 +194,7 @@ class _GradientDiagnostics(Callback):
         parameters: str = "encoder",
         sketch_dim: int | None = None,
         seed: int = 0,
+        split: str = "train",
         dirname: str = "diagnostics",
     ) -> None:
         if steps is not None and phases is not None:
@@ -206,7 +207,7 @@ class _GradientDiagnostics(Callback):
         self.steps = sorted({int(s) for s in steps}) if steps is not None else None
         self.phases = dict(phases) if phases is not None else (None if steps is not None else dict(DEFAULT_PHASES))
         self.num_batches, self.parameters, self.sketch_dim = num_batches, parameters, sketch_dim
-        self.seed, self.dirname = seed, dirname
+        self.seed, self.split, self.dirname = seed, split, dirname
         #: label -> :func:`measure` result, in the order measured
         self.results: dict[str, dict[str, Any]] = {}
         self._due: dict[int, str] = {}
@@ -234,7 +235,7 @@ class _GradientDiagnostics(Callback):
         if not trainer.is_global_zero:
             return
         label = self._due[step]
-        datasets = trainer.datamodule.datasets["train"]
+        datasets = trainer.datamodule.datasets[self.split]
         # the measurement's batches (augmentation) must not move the fit's random streams
         states = rng_states()
         try:
@@ -270,6 +271,8 @@ class InterferenceCallback(_GradientDiagnostics):
         parameters: sub-module whose gradients are compared (``encoder``).
         sketch_dim: :class:`~umedpt.diagnostics.CountSketch` length for large encoders.
         seed: seed of the batch draw (the same batches at every step).
+        split: the data module's split the batches come from (``train``; ``val`` measures
+            models trained on different data on the same images).
     """
 
     name = "interference"

@@ -1,4 +1,5 @@
-"""``umedpt mllm-evaluate``: score generated answers per task and dataset.
+"""Scores of generated answers per task and dataset, as ``umedpt mllm-evaluate``
+(:mod:`umedpt.commands.mllm_evaluate`) reports them.
 
 Reads the predictions JSONL written by ``lightning predict`` (:class:`~umedpt.mllm.GenerationWriter`),
 optionally takes the reference answers from an instruction JSONL matched by ``id``, and writes

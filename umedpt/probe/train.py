@@ -1,9 +1,9 @@
-"""Supervised runs on a training subset: the segmentation probe, fine-tuning and the scratch baseline.
+"""Supervised runs on a training subset: head probes, fine-tuning and the scratch baseline.
 
 All three train the task's head (``Task.build_head``, the same heads as pretraining) on top of
 an encoder for a fixed :class:`TrainBudget` and report the head's metrics on the test split:
 
-- segmentation probe: the encoder is frozen, only the (light) decoder head learns;
+- head probe (segmentation, detection, plug-in kinds): the encoder is frozen, only the head learns;
 - fine-tuning: encoder and head learn, starting from the given encoder;
 - scratch baseline: fine-tuning of a randomly initialised encoder on 100% of the training split.
 """
