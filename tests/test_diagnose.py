@@ -109,3 +109,15 @@ def test_diagnose_command_writes_the_report_of_checkpoints(fitted, tmp_path, cap
     assert again["gd"] == only["gd"]
     assert main(["diagnose", "--ckpt_path", str(tmp_path / "none.ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_measure_sketches_the_gradients_only_when_they_would_not_fit(fitted, monkeypatch, capsys):
+    import umedpt.diagnostic_callbacks as diag
+
+    datasets = fitted["data"].datasets["val"]
+    assert measure(fitted["model"], datasets, num_batches=1)["sketch_dim"] is None  # a tiny encoder: full
+    monkeypatch.setattr(diag, "AUTO_SKETCH_BYTES", 1)
+    monkeypatch.setattr(diag, "AUTO_SKETCH_DIM", 2048)
+    sketched = measure(fitted["model"], datasets, num_batches=1)
+    assert sketched["sketch_dim"] == 2048 and "keeping count sketches of 2048" in capsys.readouterr().err
+    assert measure(fitted["model"], datasets, num_batches=1, sketch_dim=None)["sketch_dim"] is None

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -28,6 +29,8 @@ from umedpt.diagnostics import CountSketch, diagnose, task_gradients
 from umedpt.randomness import restore_rng_states, rng_states
 
 __all__ = [
+    "AUTO_SKETCH_BYTES",
+    "AUTO_SKETCH_DIM",
     "DEFAULT_PHASES",
     "FisherSpectrumCallback",
     "InterferenceCallback",
@@ -37,6 +40,10 @@ __all__ = [
     "select_parameters",
 ]
 
+#: ``sketch_dim="auto"``: full gradients up to this many bytes (as float64), else count sketches
+AUTO_SKETCH_BYTES = 2 * 2**30
+#: ``sketch_dim="auto"``: the sketch length beyond that (cosines off by about 0.0055)
+AUTO_SKETCH_DIM = 65536
 #: IMAX's four phases of training, as fractions of the run's optimizer steps
 DEFAULT_PHASES: dict[str, float] = {"initial": 0.0, "early": 0.1, "mid": 0.5, "late": 1.0}
 
@@ -74,7 +81,7 @@ def measure(
     datasets: Mapping[str, Dataset],
     num_batches: int = 8,
     parameters: str = "encoder",
-    sketch_dim: int | None = None,
+    sketch_dim: int | Literal["auto"] | None = "auto",
     seed: int = 0,
     batch_size: int | None = None,
 ) -> dict[str, Any]:
@@ -87,7 +94,9 @@ def measure(
         num_batches: batches per task (drawn in a fixed random order from ``seed``).
         parameters: the sub-module whose gradients are compared (:func:`select_parameters`).
         sketch_dim: keep each gradient as a :class:`~umedpt.diagnostics.CountSketch` of this
-            length (``None``: the full gradients, ``num_batches x tasks x P`` floats).
+            length; ``None``: the full gradients (``num_batches x tasks x P`` floats); ``"auto"``:
+            full up to :data:`AUTO_SKETCH_BYTES` of them, else sketches of :data:`AUTO_SKETCH_DIM`
+            (swin_tiny's 28M encoder parameters x 17 tasks x 8 batches would be 30 GiB).
         batch_size: images per batch (``None``: each task's own ``batch_size``).
 
     Returns:
@@ -96,6 +105,14 @@ def measure(
     """
     params = select_parameters(model, parameters)
     size = sum(p.numel() for p in params)
+    if sketch_dim == "auto":
+        # the gradients kept, in float64 as the measures compute: sketch them when they would not fit
+        full = size * num_batches * len(datasets) * 8
+        sketch_dim = AUTO_SKETCH_DIM if full > AUTO_SKETCH_BYTES else None
+        if sketch_dim:
+            print(f"umedpt diagnostics: {len(datasets)} tasks x {num_batches} gradients of {size:,} parameters "
+                  f"would take {full / 2**30:.1f} GiB; keeping count sketches of {sketch_dim} (cosines off by "
+                  f"about {math.sqrt(2 / sketch_dim):.3f})", file=sys.stderr)  # fmt: skip
     sketch = CountSketch(size, sketch_dim, seed) if sketch_dim else None
     device = params[0].device
     batches = {
@@ -111,6 +128,16 @@ def measure(
     result = diagnose(grads)
     result.update(parameters=parameters or "all", num_parameters=size, sketch_dim=sketch_dim, num_batches=num_batches)
     return result
+
+
+def _save(fig: Any, path: str | Path, title: str) -> Path:
+    """Write ``fig`` (with ``title`` above it, if any) as a PNG at ``path``."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def plot_interference(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
@@ -146,12 +173,7 @@ def plot_interference(result: Mapping[str, Any], path: str | Path, title: str = 
     mean = result.get("statistics_score_mean", math.nan)
     axes[3].set_title(f"statistics score per parameter\n(mean {mean:.3f}; 1: all tasks agree)", fontsize=9)
     axes[3].set_xlabel("|sum_t g_t| / sum_t |g_t|")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_phases(results: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -171,12 +193,7 @@ def plot_phases(results: Mapping[str, Mapping[str, Any]], path: str | Path, titl
                    marker="x", color="tab:red", zorder=4, label="all tasks")  # fmt: skip
         ax.set_title(label, fontsize=9)
     axes[1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, title)
 
 
 class _GradientDiagnostics(Callback):
@@ -192,7 +209,7 @@ class _GradientDiagnostics(Callback):
         phases: Mapping[str, float] | None = None,
         num_batches: int = 8,
         parameters: str = "encoder",
-        sketch_dim: int | None = None,
+        sketch_dim: int | Literal["auto"] | None = "auto",
         seed: int = 0,
         split: str = "train",
         dirname: str = "diagnostics",
@@ -269,7 +286,8 @@ class InterferenceCallback(_GradientDiagnostics):
         phases: label -> fraction of the run's steps (used when ``steps`` is not given).
         num_batches: batches per task (Uni-Med samples 100; 8 already orders tasks clearly).
         parameters: sub-module whose gradients are compared (``encoder``).
-        sketch_dim: :class:`~umedpt.diagnostics.CountSketch` length for large encoders.
+        sketch_dim: :class:`~umedpt.diagnostics.CountSketch` length (``"auto"``: sketch only
+            when the full gradients would exceed :data:`AUTO_SKETCH_BYTES`; ``None``: never).
         seed: seed of the batch draw (the same batches at every step).
         split: the data module's split the batches come from (``train``; ``val`` measures
             models trained on different data on the same images).

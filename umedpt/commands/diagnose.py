@@ -21,7 +21,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import ArgumentParser
@@ -62,7 +62,7 @@ def run(
     config: list[str] | None = None,
     num_batches: int = 8,
     parameters: str = "encoder",
-    sketch_dim: int | None = None,
+    sketch_dim: int | Literal["auto"] | None = "auto",
     split: str = "train",
     tasks: list[str] | None = None,
     output: str | None = None,
@@ -77,7 +77,8 @@ def run(
             that the CLI saved in the checkpoint's run directory, else the checkpoint's tasks).
         num_batches: batches per task.
         parameters: sub-module whose gradients are compared (``encoder``, ``heads.<task>``...).
-        sketch_dim: keep gradients as count sketches of this length (large encoders).
+        sketch_dim: keep gradients as count sketches of this length; ``auto``: only when the
+            full gradients would exceed 2 GiB (then 65536); ``null``: never.
         split: the data split the batches come from.
         tasks: only these tasks (default: all of the model's).
         output: folder of the report (default: ``diagnostics/`` beside the first checkpoint).
