@@ -117,10 +117,15 @@ class CountSketch:
 
 def _stack(name: str, grads: Sequence[Tensor] | Tensor, length: int | None) -> Tensor:
     """(n, P) float64 matrix of a task's gradients, checked for shape and finiteness."""
-    rows = [grads] if isinstance(grads, Tensor) and grads.dim() == 1 else list(grads)
-    if not rows:
+    if isinstance(grads, Tensor) and grads.dim() == 2:
+        matrix = grads.to(torch.float64)  # already stacked: no copy when it is float64
+    else:
+        rows = [grads] if isinstance(grads, Tensor) and grads.dim() == 1 else list(grads)
+        if not rows:
+            raise ValueError(f"task {name!r}: no gradients (expected at least one 1-D tensor)")
+        matrix = torch.stack([torch.as_tensor(g).reshape(-1).to(torch.float64) for g in rows])
+    if matrix.shape[0] == 0:
         raise ValueError(f"task {name!r}: no gradients (expected at least one 1-D tensor)")
-    matrix = torch.stack([torch.as_tensor(g).reshape(-1).to(torch.float64) for g in rows])
     if length is not None and matrix.shape[1] != length:
         raise ValueError(
             f"task {name!r}: gradients of length {matrix.shape[1]}, the first task's have length {length}"
@@ -130,10 +135,10 @@ def _stack(name: str, grads: Sequence[Tensor] | Tensor, length: int | None) -> T
     return matrix
 
 
-def interference(task_grads: Mapping[str, Sequence[Tensor]]) -> dict[str, Any]:
+def interference(task_grads: Mapping[str, Sequence[Tensor] | Tensor]) -> dict[str, Any]:
     """Gradient-direction interference, magnitude similarity and tug-of-war index between tasks.
 
-    ``task_grads[t]`` holds ``n_t >= 1`` gradients of task ``t``, one per sampled batch (``n_t``
+    ``task_grads[t]`` holds ``n_t >= 1`` gradients of task ``t`` (a sequence, or an (n_t, P) tensor), one per sampled batch (``n_t``
     may differ between tasks). With ``g_t^a`` the gradient of task ``t`` for batch ``a`` and
     ``ĝ = g / ||g||``:
 
@@ -240,7 +245,7 @@ def dominant_ratio(eigs: Tensor) -> float:
     return float(_distribution(eigs).max())
 
 
-def diagnose(task_grads: Mapping[str, Sequence[Tensor]]) -> dict[str, Any]:
+def diagnose(task_grads: Mapping[str, Sequence[Tensor] | Tensor]) -> dict[str, Any]:
     """Every diagnostic of one set of task gradients (as :func:`task_gradients` returns them), as
     plain lists for JSON.
 
@@ -251,9 +256,10 @@ def diagnose(task_grads: Mapping[str, Sequence[Tensor]]) -> dict[str, Any]:
         task and for all tasks' gradients together (``"all"``), the spectral entropy ``se``,
         the dominant ratio ``rho`` and the ``eigenvalues``.
     """
-    out = interference(task_grads)
+    # each task's gradients stacked once (float64), shared by every measure below
+    stacked = {name: _stack(name, grads, None) for name, grads in task_grads.items()}
+    out = interference(stacked)
     names = out["tasks"]
-    stacked = {name: _stack(name, task_grads[name], None) for name in names}
     score = statistics_score({name: m.mean(0) for name, m in stacked.items()})
     score = score[~torch.isnan(score)]
     fisher = {}
