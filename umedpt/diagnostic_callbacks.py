@@ -33,6 +33,7 @@ __all__ = [
     "AUTO_SKETCH_DIM",
     "DEFAULT_PHASES",
     "FisherSpectrumCallback",
+    "draw_batches",
     "InterferenceCallback",
     "measure",
     "plot_interference",
@@ -76,6 +77,18 @@ def _batches(dataset: Dataset, batch_size: int, num_batches: int, seed: int, dev
     return out
 
 
+def draw_batches(
+    model: Any, datasets: Mapping[str, Dataset], num_batches: int = 8, seed: int = 0, batch_size: int | None = None
+) -> dict[str, list[Any]]:
+    """The first ``num_batches`` batches of every task's dataset in a ``seed``-ed random order, on
+    the model's device (``batch_size``: ``None`` for each task's own)."""
+    device = next(model.parameters()).device
+    return {
+        name: _batches(dataset, batch_size or model.tasks[name].batch_size, num_batches, seed, device)
+        for name, dataset in datasets.items()
+    }
+
+
 def measure(
     model: Any,
     datasets: Mapping[str, Dataset],
@@ -84,6 +97,7 @@ def measure(
     sketch_dim: int | Literal["auto"] | None = "auto",
     seed: int = 0,
     batch_size: int | None = None,
+    batches: Mapping[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Every diagnostic of ``model`` (a :class:`~umedpt.MultiTaskModule`) on ``datasets``.
 
@@ -98,6 +112,8 @@ def measure(
             full up to :data:`AUTO_SKETCH_BYTES` of them, else sketches of :data:`AUTO_SKETCH_DIM`
             (swin_tiny's 28M encoder parameters x 17 tasks x 8 batches would be 30 GiB).
         batch_size: images per batch (``None``: each task's own ``batch_size``).
+        batches: the batches of :func:`draw_batches`, drawn once and reused for every
+            measurement of a run (then ``datasets``, ``seed`` and ``batch_size`` are not read).
 
     Returns:
         :func:`umedpt.diagnostics.diagnose`'s result plus ``parameters``, ``num_parameters``,
@@ -107,18 +123,15 @@ def measure(
     size = sum(p.numel() for p in params)
     if sketch_dim == "auto":
         # the gradients kept, in float64 as the measures compute: sketch them when they would not fit
-        full = size * num_batches * len(datasets) * 8
+        full = size * num_batches * len(batches if batches is not None else datasets) * 8
         sketch_dim = AUTO_SKETCH_DIM if full > AUTO_SKETCH_BYTES else None
         if sketch_dim:
-            print(f"umedpt diagnostics: {len(datasets)} tasks x {num_batches} gradients of {size:,} parameters "
+            print(f"umedpt diagnostics: {len(batches if batches is not None else datasets)} tasks x {num_batches} gradients of {size:,} parameters "
                   f"would take {full / 2**30:.1f} GiB; keeping count sketches of {sketch_dim} (cosines off by "
                   f"about {math.sqrt(2 / sketch_dim):.3f})", file=sys.stderr)  # fmt: skip
     sketch = CountSketch(size, sketch_dim, seed) if sketch_dim else None
-    device = params[0].device
-    batches = {
-        name: _batches(dataset, batch_size or model.tasks[name].batch_size, num_batches, seed, device)
-        for name, dataset in datasets.items()
-    }
+    if batches is None:
+        batches = draw_batches(model, datasets, num_batches, seed, batch_size)
     training = model.training
     model.eval()
     try:
@@ -228,6 +241,7 @@ class _GradientDiagnostics(Callback):
         #: label -> :func:`measure` result, in the order measured
         self.results: dict[str, dict[str, Any]] = {}
         self._due: dict[int, str] = {}
+        self._batches: dict[str, list[Any]] | None = None
 
     def _schedule(self, trainer: Trainer) -> dict[int, str]:
         if self.steps is not None:
@@ -253,10 +267,14 @@ class _GradientDiagnostics(Callback):
             return
         label = self._due[step]
         datasets = trainer.datamodule.datasets[self.split]
-        # the measurement's batches (augmentation) must not move the fit's random streams
+        # the measurement's batches (augmentation) must not move the fit's random streams; they
+        # are drawn once, so every step is measured on the same images
         states = rng_states()
         try:
-            result = measure(pl_module, datasets, self.num_batches, self.parameters, self.sketch_dim, self.seed)
+            if self._batches is None:
+                self._batches = draw_batches(pl_module, datasets, self.num_batches, self.seed)
+            result = measure(pl_module, datasets, self.num_batches, self.parameters, self.sketch_dim,
+                             batches=self._batches)  # fmt: skip
         finally:
             restore_rng_states(states)
         result.update(step=step, label=label)

@@ -29,7 +29,7 @@ from jsonargparse import ArgumentParser
 from umedpt.commands.pseudo import load_model
 from umedpt.data.check import load_tasks
 from umedpt.data.datamodule import MultiTaskDataModule
-from umedpt.diagnostic_callbacks import measure, plot_interference, plot_phases
+from umedpt.diagnostic_callbacks import draw_batches, measure, plot_interference, plot_phases
 from umedpt.tasks import as_task
 
 __all__ = ["main", "run"]
@@ -88,7 +88,7 @@ def run(
     checkpoints = _checkpoints(ckpt_path)
     out = Path(output) if output else checkpoints[0][0].parent.parent / "diagnostics"
     report: dict[str, Any] = {"checkpoints": []}
-    datasets = None
+    datasets = batches = None
     for path, step in checkpoints:
         model, data_hparams = load_model(path, map_location=device)
         if datasets is None:
@@ -110,7 +110,9 @@ def run(
             module = MultiTaskDataModule(tasks=[by_name[n] for n in chosen], dataset_defaults=defaults)
             datasets = {n: module.build_dataset(by_name[n], split) for n in chosen}
             print(f"umedpt diagnose: {len(chosen)} tasks, {num_batches} {split} batches each", file=sys.stderr)
-        result = measure(model, datasets, num_batches, parameters, sketch_dim, seed)
+        if batches is None:  # the same batches for every checkpoint
+            batches = draw_batches(model, datasets, num_batches, seed)
+        result = measure(model, datasets, num_batches, parameters, sketch_dim, batches=batches)
         result.update(checkpoint=str(path), step=step, label=f"step {step}")
         report["checkpoints"].append(result)
         print(f"umedpt diagnose: {path.name} (step {step}) done", file=sys.stderr)
