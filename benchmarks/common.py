@@ -149,3 +149,37 @@ def quiet_trainer(max_steps: int, **kwargs: Any) -> Any:
 
     return trainer(max_steps=max_steps, default_root_dir=str(ROOT / "runs" / "benchmarks"), **kwargs)
 
+
+
+def probe_bars(
+    names: list[str],
+    fractions: list[float],
+    series: list[tuple[str, Any]],
+    path: Path,
+    title: str = "linear probe at {fraction:.0%} of the training data",
+) -> None:
+    """One bar chart per probe fraction: a bar (mean, sd error bar) per task and series.
+
+    ``series`` holds ``(label, stats)`` pairs, ``stats(task, fraction)`` giving ``{"mean", "sd"}``
+    or ``None`` (a series missing for some task is left out of that chart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.6), squeeze=False)
+    width = 0.8 / len(series)
+    for ax, fraction in zip(axes[0], fractions, strict=True):
+        for j, (label, stats) in enumerate(series):
+            values = [stats(name, fraction) for name in names]
+            if not all(values):
+                continue
+            ax.bar([i + j * width for i in range(len(names))], [v["mean"] for v in values], width,
+                   yerr=[v["sd"] for v in values], label=label, capsize=3)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+        ax.set_title(title.format(fraction=fraction))
+        ax.set_ylabel("test accuracy")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ each task kind's target keys are in :mod:`umedpt.kinds`):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -36,6 +36,10 @@ class TaskHead(nn.Module, ABC):
 
     #: which batch keys the head reads as targets
     target_keys: tuple[str, ...] = ()
+    #: the head's outputs come from the plain encoder features of the image, which heads of
+    #: other tasks on the same image may share (image-centric steps); ``False`` for heads that
+    #: encode the image in their own way (:meth:`forward_image`)
+    shares_features: bool = True
 
     def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> None:
         super().__init__()
@@ -58,6 +62,21 @@ class TaskHead(nn.Module, ABC):
                 f"this head reads {list(self.target_keys)}"
             )
         return batch[key]
+
+    def attach(self, encoder: nn.Module) -> None:
+        """Called once with the shared encoder when the head joins a model: a head that needs the
+        encoder itself (an EMA teacher copy of it) takes it here. This default does nothing."""
+
+    def forward_image(self, encode: Callable[..., list[Tensor]], image: Tensor) -> Any:
+        """Raw outputs for a batch of images, given ``encode`` (the shared encoder's forward:
+        ``encode(image, **kwargs)`` gives the feature pyramid). This default is
+        ``self(encode(image), image_size)``; self-supervised heads override it to encode a masked
+        image (:attr:`shares_features` is then ``False``)."""
+        return self(encode(image), tuple(image.shape[-2:]))
+
+    def after_step(self, encoder: nn.Module) -> None:
+        """Called after every optimizer step with the shared encoder (an EMA teacher follows it
+        here). This default does nothing."""
 
     @abstractmethod
     def forward(self, features: list[Tensor], image_size: tuple[int, int]) -> Any:

@@ -6,10 +6,12 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from umedpt.tasks import Task  # noqa: E402
 
@@ -86,3 +88,22 @@ def tasks() -> list[Task]:
 @pytest.fixture
 def batch(tasks: list[Task]) -> dict[str, dict[str, Any]]:
     return {t.name: random_batch(t, seed=i) for i, t in enumerate(tasks)}
+
+
+def fit_config(
+    path: Path, steps: int, encoder: dict[str, Any], tasks: list[dict[str, Any]], data: dict[str, Any], **model: Any
+) -> Path:
+    """Write a ``lightning fit`` config for a short CPU run (validation at the end) to ``path``."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": steps, "max_epochs": -1,
+            "log_every_n_steps": 10, "enable_model_summary": False, "enable_progress_bar": False,
+            "val_check_interval": steps, "check_val_every_n_epoch": None,
+            "default_root_dir": str(path.parent / "runs"),
+        },
+        "model": {"encoder": {"class_path": "umedpt.SwinEncoder", "init_args": encoder}, **model, "tasks": tasks},
+        "data": data,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -19,6 +19,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, R2Score
 
 from heads import DEFAULT_HEADS
 from heads.base import TaskHead
+from tests.conftest import fit_config
 from umedpt.cli import main
 from umedpt.curves import PRIMARY_METRIC
 from umedpt.kinds import BUILTIN_KINDS, TaskKind, get_kind, kind_names, register_kind
@@ -130,40 +131,20 @@ def test_register_kind_refuses_a_second_class_under_a_taken_name():
 
 
 def _config(tmp_path: Path, steps: int) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": steps, "max_epochs": -1,
-            "log_every_n_steps": 10, "enable_model_summary": False, "enable_progress_bar": False,
-            "val_check_interval": steps, "check_val_every_n_epoch": None,
-            "default_root_dir": str(tmp_path / "runs"),
-        },
-        "model": {
-            "encoder": {
-                "class_path": "umedpt.SwinEncoder",
-                "init_args": {
-                    "img_size": 32,
-                    "model_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8],
-                                     "window_size": 2, "drop_path_rate": 0.0},
-                },
-            },
-            "lr": 2.0e-3,
-            "warmup_steps": 0.1,
-            "tasks": [
-                {
-                    "name": "square_size",
-                    "kind": "tests.test_kinds.Regression",
-                    "num_classes": 1,
-                    "batch_size": 16,
-                    "data": {"class_path": "tests.test_kinds.SquareSize", "init_args": {"num_samples": 128}},
-                }
-            ],
-        },
-        "data": {"num_workers": 0},
+    encoder = {
+        "img_size": 32,
+        "model_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8],
+                         "window_size": 2, "drop_path_rate": 0.0},
     }
-    path = tmp_path / "regression.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    task = {
+        "name": "square_size",
+        "kind": "tests.test_kinds.Regression",
+        "num_classes": 1,
+        "batch_size": 16,
+        "data": {"class_path": "tests.test_kinds.SquareSize", "init_args": {"num_samples": 128}},
+    }
+    return fit_config(tmp_path / "regression.yaml", steps, encoder, [task], {"num_workers": 0},
+                      lr=2.0e-3, warmup_steps=0.1)
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")

@@ -95,11 +95,50 @@ class SwinEncoder(nn.Module):
         pad_h, pad_w = (-x.shape[-2]) % self.patch_size[0], (-x.shape[-1]) % self.patch_size[1]
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Feature pyramid: NCHW maps at strides ``self.reductions``."""
-        return self.model.forward_intermediates(
-            self._check_input(x), norm=True, output_fmt="NCHW", intermediates_only=True
-        )
+    def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """``(rows, columns)`` of the patch-embedding grid for images of ``(height, width)``
+        (sizes padded up to the patch size, as :meth:`forward` does)."""
+        return (-(-int(image_size[0]) // self.patch_size[0]), -(-int(image_size[1]) // self.patch_size[1]))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> list[Tensor]:
+        """Feature pyramid: NCHW maps at strides ``self.reductions``.
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            mask: optional boolean ``(B, rows, cols)`` over the patch-embedding grid
+                (:meth:`token_grid`): the embedded patches where it is ``True`` are replaced by
+                ``mask_token`` before the first stage (masked image modelling). Without a mask
+                the encoder is the plain Swin.
+            mask_token: ``(embed_dim,)`` vector (the ``out_channels[0]`` of the first level),
+                required with ``mask``; it belongs to the caller (the masked-image head), so the
+                encoder's weights and exports are the same with or without masking.
+        """
+        x = self._check_input(x)
+        if mask is None:
+            return self.model.forward_intermediates(x, norm=True, output_fmt="NCHW", intermediates_only=True)
+        grid = self.token_grid(x.shape[-2:])
+        if mask_token is None:
+            raise ValueError("SwinEncoder: a mask needs a mask_token (a vector of the first level's channels)")
+        if mask.shape != (x.shape[0], *grid):
+            raise ValueError(
+                f"SwinEncoder: mask of shape {tuple(mask.shape)} for images {tuple(x.shape)}; expected "
+                f"{(x.shape[0], *grid)} (batch, patch-grid rows, columns)"
+            )
+        if mask_token.shape != (self.out_channels[0],):
+            raise ValueError(
+                f"SwinEncoder: mask_token of shape {tuple(mask_token.shape)}, expected ({self.out_channels[0]},)"
+            )
+
+        def substitute(module: nn.Module, inputs: Any, embedded: Tensor) -> Tensor:
+            # the patch embedding's output is NHWC: (B, rows, cols, channels)
+            keep = (~mask).unsqueeze(-1).to(embedded.dtype)
+            return embedded * keep + mask_token.to(embedded.dtype) * (1.0 - keep)
+
+        handle = self.model.patch_embed.register_forward_hook(substitute)
+        try:
+            return self.model.forward_intermediates(x, norm=True, output_fmt="NCHW", intermediates_only=True)
+        finally:
+            handle.remove()
 
     @staticmethod
     def pool(features: list[Tensor]) -> Tensor:

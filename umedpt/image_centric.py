@@ -114,7 +114,10 @@ class ImageCentricModule(MultiTaskModule):
         return self.loss_scales[task_name] * total
 
     def task_loss(self, task_name: str, task_batch: dict[str, Any]) -> Tensor:
-        """Scaled loss of one task, encoding only the images annotated for it."""
+        """Scaled loss of one task, encoding only the images annotated for it (a head that
+        encodes the image its own way, such as a masked-image head, takes every image)."""
+        if not self.heads[task_name].shares_features:
+            return super().task_loss(task_name, task_batch)
         present, _ = _flags(task_batch, task_batch["image"].shape[0])
         if not bool(present.any()):
             return self.zero_loss(task_name)
@@ -147,8 +150,14 @@ class ImageCentricModule(MultiTaskModule):
         if len(group) == 1 or self.hparams.step_mode == "per_task":
             return super().group_losses(group, batch)
         image = batch[group[0]]["image"]
-        features = self.encode(image)
-        return {
-            name: self._finite_or_zero(name, self.head_loss(name, features, image.shape[-2:], batch[name]))
-            for name in group
-        }
+        # heads that encode the image their own way (a masked image) do not share the features
+        shared = [name for name in group if self.heads[name].shares_features]
+        losses = {}
+        if shared:
+            features = self.encode(image)
+            for name in shared:
+                losses[name] = self._finite_or_zero(name, self.head_loss(name, features, image.shape[-2:], batch[name]))
+        for name in group:
+            if name not in losses:
+                losses[name] = self._finite_or_zero(name, self.task_loss(name, batch[name]))
+        return {name: losses[name] for name in group}

@@ -155,6 +155,8 @@ class MultiTaskModule(LightningModule):
                 for t in task_list
             }
         )
+        for head in self.heads.values():
+            head.attach(self.encoder)  # e.g. an EMA teacher copies the encoder's initial weights
         self.loss_scales = {
             name: (t.loss_scale or self.heads[name].default_loss_scale) * t.weight
             for name, t in self.tasks.items()
@@ -230,15 +232,17 @@ class MultiTaskModule(LightningModule):
         return list(self.tasks)
 
     # ------------------------------------------------------------------ the loop
-    def encode(self, image: Tensor) -> list[Tensor]:
-        """Encoder feature pyramid of an image batch, in the module's memory layout."""
+    def encode(self, image: Tensor, **kwargs: Any) -> list[Tensor]:
+        """Encoder feature pyramid of an image batch, in the module's memory layout (``kwargs``,
+        such as a ``mask`` and ``mask_token``, go to the encoder)."""
         if self.hparams.channels_last and image.dim() == 4:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self.encoder(image)
+        return self.encoder(image, **kwargs)
 
     def forward_task(self, task_name: str, image: Tensor) -> Any:
-        """The head outputs of one task for a batch of images (encoder + head)."""
-        return self.heads[task_name](self.encode(image), tuple(image.shape[-2:]))
+        """The head outputs of one task for a batch of images (encoder + head; a
+        self-supervised head encodes a masked image, see ``TaskHead.forward_image``)."""
+        return self.heads[task_name].forward_image(self.encode, image)
 
     def task_loss(self, task_name: str, task_batch: dict[str, Any]) -> Tensor:
         """Scaled loss of one task's batch, graph attached."""
@@ -455,6 +459,8 @@ class MultiTaskModule(LightningModule):
         losses = self.accumulate(batch)
         optimizer.step()
         self.lr_schedulers().step()
+        for head in self.heads.values():
+            head.after_step(self.encoder)  # e.g. an EMA teacher follows the encoder
         self.last_losses = losses
         if self.coordination is not None:
             # every rank weighs the tasks alike: from the losses averaged over the ranks

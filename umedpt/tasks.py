@@ -24,7 +24,8 @@ class Task:
         name: unique task name (letters, digits, ``_`` and ``-``); used in logs and module keys.
         kind: ``classification``, ``multilabel``, ``segmentation``, ``detection``, or the class
             path of a :class:`umedpt.kinds.TaskKind` of your own.
-        num_classes: number of classes (segmentation: including background).
+        num_classes: number of classes (segmentation: including background); not needed by
+            the image-only (self-supervised) kinds ``mim`` and ``feature_mim``.
         data: dataset spec ``{"class_path": ..., "init_args": {...}}``. The class is built once
             per split with an extra ``split=`` argument (``"train"``, ``"val"``, ``"test"``).
         class_names: optional names, one per class.
@@ -40,7 +41,7 @@ class Task:
 
     name: str
     kind: str
-    num_classes: int
+    num_classes: int | None = None
     data: dict[str, Any] | None = None
     class_names: list[str] | None = None
     head: str | None = None
@@ -58,9 +59,13 @@ class Task:
             )
         where = f"task {self.name!r}"
         try:
-            get_kind(self.kind)
+            kind = get_kind(self.kind)
         except (ValueError, ImportError, TypeError) as err:
             raise type(err)(f"{where}: {err}") from err
+        if self.num_classes is None:
+            if not kind.image_only:
+                raise ValueError(f"{where}: num_classes is required for kind {kind.name!r}")
+            self.num_classes = 1  # an image-only kind has no classes; its head ignores the count
         if self.num_classes < 1:
             raise ValueError(f"{where}: num_classes must be >= 1, got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

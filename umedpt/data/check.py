@@ -216,7 +216,7 @@ def check_task(task: Task, dataset_defaults: dict[str, Any], splits: Sequence[st
     if len({json.dumps(m, sort_keys=True) for m in mappings.values()}) > 1:
         report.add(None, Problem(reader, "categories", f"category ids map to different labels per split: {mappings}"))
     train = report.splits.get("train")
-    if train is not None and train.class_counts is not None and not task.task_kind.dense:
+    if train is not None and train.class_counts is not None and not task.task_kind.dense and not task.task_kind.image_only:
         absent = [report.class_names[c] if c < len(report.class_names) else str(c)
                   for c, n in enumerate(train.class_counts) if n == 0]
         if absent:

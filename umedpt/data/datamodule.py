@@ -138,14 +138,16 @@ class MultiTaskDataModule(LightningDataModule):
             why = f"; {len(notes)} problem(s) found listing it: " + "; ".join(str(p) for p in notes[:3]) if notes else ""
             return [f"task {task.name!r}: the {split} split is empty{why}"]
         errors = []
-        ds_classes = getattr(dataset, "num_classes", task.num_classes)
-        if ds_classes != task.num_classes:
-            errors.append(
-                f"task {task.name!r}: num_classes={task.num_classes} but its {split} dataset has {ds_classes} classes"
-            )
-        ds_kind = getattr(dataset, "kind", None)
-        if ds_kind is not None and not same_kind(ds_kind, task.kind):
-            errors.append(f"task {task.name!r}: kind={task.kind!r} but its {split} dataset is {ds_kind!r}")
+        # an image-only (self-supervised) task takes the images of any dataset, whatever its labels
+        if not task.task_kind.image_only:
+            ds_classes = getattr(dataset, "num_classes", task.num_classes)
+            if ds_classes != task.num_classes:
+                errors.append(
+                    f"task {task.name!r}: num_classes={task.num_classes} but its {split} dataset has {ds_classes} classes"
+                )
+            ds_kind = getattr(dataset, "kind", None)
+            if ds_kind is not None and not same_kind(ds_kind, task.kind):
+                errors.append(f"task {task.name!r}: kind={task.kind!r} but its {split} dataset is {ds_kind!r}")
         if split == "train" and size < task.batch_size:
             errors.append(
                 f"task {task.name!r}: train split has {size} samples, fewer than batch_size={task.batch_size}"

@@ -6,12 +6,16 @@
 
 from umedpt.kinds.base import TaskKind, get_kind, kind_names, register_kind, same_kind
 from umedpt.kinds.builtin import Classification, Detection, MultiLabel, Segmentation
+from umedpt.kinds.ssl import FeatureReconstruction, MaskedImageModelling
 
 __all__ = [
     "BUILTIN_KINDS",
     "Classification",
     "Detection",
+    "FeatureReconstruction",
+    "MaskedImageModelling",
     "MultiLabel",
+    "SSL_KINDS",
     "Segmentation",
     "TaskKind",
     "get_kind",
@@ -22,3 +26,5 @@ __all__ = [
 
 #: short names of the built-in kinds
 BUILTIN_KINDS: tuple[str, ...] = tuple(k.name for k in (Classification, MultiLabel, Segmentation, Detection))
+#: short names of the built-in self-supervised kinds (image only)
+SSL_KINDS: tuple[str, ...] = tuple(k.name for k in (MaskedImageModelling, FeatureReconstruction))

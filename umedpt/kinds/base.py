@@ -55,6 +55,9 @@ class TaskKind:
             value (``"xr_grade": 2`` for ``{"label": 2}``).
         file_fields: the annotation fields that name a file (a segmentation mask): a manifest
             reader decodes them before :meth:`annotation_targets`, a writer saves them.
+        image_only: the kind learns from the image alone (self-supervised): any dataset whose
+            cases hold ``image`` serves its tasks, whatever else they hold, and its tasks need
+            no ``num_classes``.
         label_columns: ``(fewest, most)`` label columns of the kind's table form (a CSV of
             image paths and labels, an array of label rows; ``most`` ``None``: any number), or
             ``None`` when the kind has none; see :meth:`table_label` and :meth:`array_label`.
@@ -78,6 +81,7 @@ class TaskKind:
     annotation_fields: ClassVar[tuple[str, ...]] = ()
     file_fields: ClassVar[tuple[str, ...]] = ()
     label_columns: ClassVar[tuple[int, int | None] | None] = None
+    image_only: ClassVar[bool] = False
 
     def case_targets(self, **values: Any) -> dict[str, Any]:
         """The target entries of one case dict from a sample's annotation values (NumPy arrays,

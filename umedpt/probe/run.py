@@ -19,6 +19,7 @@ import umedpt
 from umedpt.data.datamodule import SPLITS, MultiTaskDataModule
 from umedpt.data.datamodule import resolved_data as data_with_defaults
 from umedpt.encoder import SwinEncoder
+from umedpt.probe.calibrate import Calibration, calibrate
 from umedpt.probe.encoders import ProbeError, load_encoders, random_encoder, weights_hash
 from umedpt.probe.features import FeatureCache, cached_features, check_channels
 from umedpt.probe.linear import C_GRID, evaluate, fit_linear_probe
@@ -55,6 +56,10 @@ class ProbeSettings:
         scratch: budget of the scratch baseline (same architecture, random init, 100% of the
             training split, trained end to end); ``null`` skips it.
         scratch_runs: number of scratch runs (seeds) per task.
+        calibrate: TD-Calib (:class:`~umedpt.probe.calibrate.Calibration`): before probing a
+            task, continue self-supervised training of each encoder on that task's training
+            images (no labels) and probe the calibrated copy too, as ``<encoder>+calib``;
+            ``null`` (default) probes the encoders as given.
         output_dir: each run writes ``<output_dir>/version_N/report.{json,md,png}``.
         cache_dir: feature cache folder; ``null`` disables the cache.
         batch_size: images per batch while extracting features.
@@ -78,6 +83,7 @@ class ProbeSettings:
     finetune: TrainBudget = field(default_factory=TrainBudget)
     scratch: TrainBudget | None = field(default_factory=TrainBudget)
     scratch_runs: int = 1
+    calibrate: Calibration | None = None
     output_dir: str = "runs/probe"
     cache_dir: str | None = "runs/probe/cache"
     batch_size: int = 256
@@ -99,6 +105,12 @@ class ProbeSettings:
                 raise ProbeError(f"task {task.name!r} has 1 class; a probe needs at least 2 classes")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(self.calibrate, Mapping):
+            self.calibrate = Calibration(**self.calibrate)
+        if self.calibrate is not None:
+            unknown = sorted(set(self.calibrate.encoders or []) - set(self.encoders))
+            if unknown:
+                raise ProbeError(f"calibrate.encoders: {unknown} are not among the encoders {sorted(self.encoders)}")
 
 
 def resolved_data(task: Task, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,11 +171,29 @@ class _TaskProbe:
         sizes = ", ".join(f"{split} {len(self.datasets[split])}" for split in SPLITS)
         self.say(f"task {task.name}: {sizes} images ({time.perf_counter() - start:.1f} s)")
         check_channels(encoders, task.name, int(self.datasets["train"][0]["image"].shape[0]))
+        self.calibration: dict[str, Any] = {}
+        if settings.calibrate is not None:
+            self.encoders, self.hashes = self._calibrated(settings.calibrate)
         self.linear = settings.mode == "linear" and task.task_kind.linear_probe
         self.features: dict[str, dict[str, Any]] = {}
         self.fitted: dict[tuple[str, bytes], dict[str, Any]] = {}  # linear probes are deterministic
         self.labels: np.ndarray | None = None
         self.timing = {"features_s": 0.0, "probes_s": 0.0, "scratch_s": 0.0}
+
+    def _calibrated(self, calibration: Calibration) -> tuple[dict[str, SwinEncoder], dict[str, str]]:
+        """The encoders with a TD-Calib copy of each chosen one after it (``<name>+calib``)."""
+        encoders, hashes = {}, {}
+        for name, encoder in self.encoders.items():
+            encoders[name], hashes[name] = encoder, self.hashes[name]
+            if calibration.encoders is not None and name not in calibration.encoders:
+                continue
+            start = time.perf_counter()
+            self.say(f"task {self.task.name}: calibrating {name} ({calibration.steps} steps of {', '.join(calibration.kinds)})")
+            calibrated, record = calibrate(encoder, self.datasets["train"], calibration, self.s.device)
+            record["seconds"] = round(time.perf_counter() - start, 1)
+            encoders[f"{name}+calib"], hashes[f"{name}+calib"] = calibrated, weights_hash(calibrated)
+            self.calibration[name] = record
+        return encoders, hashes
 
     def say(self, message: str) -> None:
         """One line of progress on stderr (with ``progress``), so that no phase is silent."""
@@ -292,6 +322,7 @@ class _TaskProbe:
             "n_per_fraction": sizes,
             "summary": {name: summarise(r, metric) for name, r in runs.items()},
             "scratch": self._scratch(),
+            "calibration": self.calibration or None,
             "runs": runs,
             "timing": self.timing,
         }

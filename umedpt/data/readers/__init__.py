@@ -1,13 +1,14 @@
 """Readers for the file formats researchers have; each dataset returns umedpt case dicts.
 
-=======================  ===================================================================
-``MedMNISTDataset``      MedMNIST ``.npz`` (classification, multi-label)
-``ManifestDataset``      CSV/TSV manifest of image paths and labels (classification, multi-label)
-``ImageFolderDataset``   ``<root>/<split>/<class>/<image>`` folders (classification)
-``SegmentationDataset``  image + class-index mask files (PNG, TIFF, NPY, DICOM, 2D NIfTI)
-``CocoDetectionDataset`` COCO JSON boxes and categories (detection)
-``NiftiSliceDataset``    3D NIfTI volumes + label volumes, sliced along an axis (segmentation)
-=======================  ===================================================================
+==========================  ===================================================================
+``MedMNISTDataset``         MedMNIST ``.npz`` (classification, multi-label)
+``ManifestDataset``         CSV/TSV manifest of image paths and labels (classification, multi-label)
+``ImageFolderDataset``      ``<root>/<split>/<class>/<image>`` folders (classification)
+``SegmentationDataset``     image + class-index mask files (PNG, TIFF, NPY, DICOM, 2D NIfTI)
+``CocoDetectionDataset``    COCO JSON boxes and categories (detection)
+``NiftiSliceDataset``       3D NIfTI volumes + label volumes, sliced along an axis (segmentation)
+``ImageCollectionDataset``  images of a folder, glob or list file, no labels (``mim``, ``feature_mim``)
+==========================  ===================================================================
 
 Every reader reads images with :func:`read_image`, so any of them accepts PNG/TIFF/JPEG/BMP,
 NPY, DICOM (modality LUT applied, palette colour as RGB) and 2D NIfTI files at full depth; the
@@ -17,6 +18,7 @@ file readers make one sample per frame of a multi-frame DICOM file (:func:`frame
 from umedpt.data.problems import DataError, Problem
 from umedpt.data.readers.base import FileDataset, Item, ItemReport, Sample
 from umedpt.data.readers.coco import CocoDetectionDataset
+from umedpt.data.readers.collection import ImageCollectionDataset
 from umedpt.data.readers.image_io import IMAGE_SUFFIXES, ImageMeta, frame_count, load_image, read_image
 from umedpt.data.readers.manifest import ImageFolderDataset, ManifestDataset
 from umedpt.data.readers.medmnist import MedMNISTDataset
@@ -28,6 +30,7 @@ __all__ = [
     "CocoDetectionDataset",
     "DataError",
     "FileDataset",
+    "ImageCollectionDataset",
     "ImageFolderDataset",
     "ImageMeta",
     "Item",

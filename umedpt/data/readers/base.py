@@ -33,7 +33,7 @@ from umedpt.data.normalize import Normalization, NormalizationSpec
 from umedpt.data.problems import DataError, Problem, errors_only
 from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, read_image
 from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
-from umedpt.kinds import BUILTIN_KINDS, get_kind
+from umedpt.kinds import BUILTIN_KINDS, SSL_KINDS, get_kind
 from umedpt.kinds.builtin import BOX_TOLERANCE
 
 __all__ = [
@@ -41,9 +41,10 @@ __all__ = [
     "SPLITS",
 ]
 
-Kind = Literal["classification", "multilabel", "segmentation", "detection"]
-#: the kinds file readers read (their labels, masks and boxes; a kind of your own brings its dataset)
-KINDS: tuple[str, ...] = BUILTIN_KINDS
+Kind = Literal["classification", "multilabel", "segmentation", "detection", "mim", "feature_mim"]
+#: the kinds file readers read (their labels, masks and boxes, or the images alone for the
+#: self-supervised kinds; a kind of your own brings its dataset)
+KINDS: tuple[str, ...] = BUILTIN_KINDS + SSL_KINDS
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: what a reader does with NaN and Inf pixels: ``error`` (the sample is refused, naming the file)
 #: or ``zero`` (they become 0 before normalisation, and the data checker warns)
