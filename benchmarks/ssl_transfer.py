@@ -125,7 +125,8 @@ def table(result: dict[str, Any]) -> str:
         f"probe seeds (random: probe seeds; supervised: the quick recipe, `benchmarks/transfer.py`). Mean gap "
         + ", ".join(f"at {f:.0%}: **{statistics.fmean(g):+.3f}**" for f, g in gaps.items())
         + ". "
-        + (f"SSL pretraining took {stats(fit)['mean']:.0f} ± {stats(fit)['sd']:.0f} s per seed. " if fit else "")
+        + (f"Pretraining took {stats(fit)['mean']:.0f} ± {stats(fit)['sd']:.0f} s per seed "
+           f"(OMP_NUM_THREADS={result.get('omp_threads') or 'unset'}). " if fit else "")
         + "Regenerate with `python benchmarks/ssl_transfer.py`.",
     ])
 
