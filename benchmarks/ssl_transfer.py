@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import transfer  # noqa: E402
 from benchmarks.common import RESULTS, ROOT, markdown_table, probe_bars, write_result  # noqa: E402
 from benchmarks.transfer import pooled, run, stats  # noqa: E402
 
@@ -63,21 +63,9 @@ def recipe_configs(recipe: str) -> list[str]:
 
 
 def pretrain(recipe: str, seed: int, reuse: bool, extra: list[str]) -> tuple[Path, float | None]:
-    root = RUNS / recipe / f"pretrain_seed{seed}"
-    encoder = root / "lightning_logs" / "version_0" / "encoder"
-    if reuse and (encoder / "model.safetensors").is_file():
-        return encoder, None
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "umedpt", "fit"]
-    for config in recipe_configs(recipe):
-        cmd += ["-c", config]
-    cmd += [
-        "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra,
-    ]
-    return encoder, run(cmd, root / "fit.log")
+    return transfer.pretrain(
+        seed, reuse, RUNS / recipe / f"pretrain_seed{seed}", tuple(recipe_configs(recipe)), tuple(extra)
+    )
 
 
 def probe(recipe: str, seed: int, encoder: Path, reuse: bool) -> dict[str, Any]:

@@ -48,33 +48,29 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def pretrain(seed: int, reuse: bool) -> tuple[Path, float | None]:
-    root = RUNS / f"pretrain_seed{seed}"
+def pretrain(
+    seed: int,
+    reuse: bool,
+    root: Path | None = None,
+    configs: tuple[str, ...] = ("configs/umedpt.yaml", "configs/quick.yaml"),
+    extra: tuple[str, ...] = (),
+) -> tuple[Path, float | None]:
+    """Fit ``configs`` with seed ``seed`` in its own process under ``root`` (default
+    runs/transfer/pretrain_seed<S>); the exported encoder and the fit's seconds (``None`` when a
+    finished run was reused)."""
+    root = root or RUNS / f"pretrain_seed{seed}"
     encoder = root / "lightning_logs" / "version_0" / "encoder"
     if reuse and (encoder / "model.safetensors").is_file():
         return encoder, None
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "umedpt",
-        "fit",
-        "-c",
-        "configs/umedpt.yaml",
-        "-c",
-        "configs/quick.yaml",
-        "--seed_everything",
-        str(seed),
-        "--model.seed",
-        str(seed),
-        "--data.seed",
-        str(seed),
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
+    cmd = [sys.executable, "-m", "umedpt", "fit"]
+    for config in configs:
+        cmd += ["-c", config]
+    cmd += [
+        "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra,
     ]
     seconds = run(cmd, root / "fit.log")
     return encoder, seconds
