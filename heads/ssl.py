@@ -29,7 +29,10 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from heads.base import INIT_STD, TaskHead
 
-__all__ = ["FeatureOutputs", "FeatureReconstructionHead", "MaskedImageHead", "MaskedOutputs", "random_patch_mask"]
+__all__ = [
+    "FeatureOutputs", "FeatureReconstructionHead", "MaskedImageHead", "MaskedOutputs", "random_patch_mask",
+    "upsample_mask",
+]
 
 
 def random_patch_mask(
@@ -57,8 +60,13 @@ def random_patch_mask(
     order = torch.rand(batch, count, generator=generator, device=generator.device if generator else device)
     ranks = order.argsort(dim=1).argsort(dim=1)
     mask = (ranks < hidden).view(batch, patch_rows, patch_cols)
-    mask = mask.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)[:, :rows, :cols]
-    return mask.to(device)
+    return upsample_mask(mask, cell, grid).to(device)
+
+
+def upsample_mask(mask: Tensor, factor: int, size: tuple[int, int]) -> Tensor:
+    """``mask`` (B, h, w) with each cell repeated ``factor`` x ``factor`` times, cut to ``size``."""
+    mask = mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    return mask[:, : size[0], : size[1]]
 
 
 class _MaskingHead(TaskHead):
@@ -182,10 +190,9 @@ class MaskedImageHead(_MaskingHead):
         """Hide random squares of ``image``, encode it and predict every pixel."""
         mask = self.draw_mask(image)
         features = encode(image, mask=mask, mask_token=self.mask_token)
-        patch = self.reductions[0]
-        pixel_mask = mask.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
-        pixel_mask = pixel_mask[:, None, : image.shape[-2], : image.shape[-1]].to(image.dtype)
-        return MaskedOutputs(self(features, tuple(image.shape[-2:])), pixel_mask)
+        size = tuple(image.shape[-2:])
+        pixel_mask = upsample_mask(mask, self.reductions[0], size)[:, None].to(image.dtype)
+        return MaskedOutputs(self(features, size), pixel_mask)
 
     def target_pixels(self, image: Tensor) -> Tensor:
         """What the head predicts for ``image``: its pixels, normalised per mask patch if asked."""
@@ -258,8 +265,8 @@ class FeatureReconstructionHead(_MaskingHead):
 
     The teacher is a copy of the shared encoder taken when the head joins the model
     (:meth:`attach`, before training starts); it has no gradients, always computes its targets
-    in evaluation mode (no stochastic depth) and is saved in checkpoints with the head. A position of the level counts as hidden when all of
-    its input tokens were hidden. The loss is ``1 - cos(prediction, target)`` averaged over the
+    in evaluation mode (no stochastic depth) and is saved in checkpoints with the head. A
+    position of the level counts as hidden when all of its input tokens were hidden. The loss is ``1 - cos(prediction, target)`` averaged over the
     hidden positions (about 1 for a fresh head). Metrics: ``distance``, that mean.
     """
 

@@ -151,13 +151,14 @@ class ImageCentricModule(MultiTaskModule):
             return super().group_losses(group, batch)
         image = batch[group[0]]["image"]
         # heads that encode the image their own way (a masked image) do not share the features
-        shared = [name for name in group if self.heads[name].shares_features]
-        losses = {}
-        if shared:
-            features = self.encode(image)
-            for name in shared:
-                losses[name] = self._finite_or_zero(name, self.head_loss(name, features, image.shape[-2:], batch[name]))
-        for name in group:
-            if name not in losses:
-                losses[name] = self._finite_or_zero(name, self.task_loss(name, batch[name]))
-        return {name: losses[name] for name in group}
+        shared = {name for name in group if self.heads[name].shares_features}
+        features = self.encode(image) if shared else None
+        return {
+            name: self._finite_or_zero(
+                name,
+                self.head_loss(name, features, image.shape[-2:], batch[name])
+                if name in shared
+                else self.task_loss(name, batch[name]),
+            )
+            for name in group
+        }

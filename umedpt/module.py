@@ -459,8 +459,7 @@ class MultiTaskModule(LightningModule):
         losses = self.accumulate(batch)
         optimizer.step()
         self.lr_schedulers().step()
-        for head in self.heads.values():
-            head.after_step(self.encoder)  # e.g. an EMA teacher follows the encoder
+        self.after_optimizer_step()
         self.last_losses = losses
         if self.coordination is not None:
             # every rank weighs the tasks alike: from the losses averaged over the ranks
@@ -487,6 +486,12 @@ class MultiTaskModule(LightningModule):
             if self._grad_norm is not None:
                 self.log("train/grad_norm", self._grad_norm)
         return total
+
+    def after_optimizer_step(self) -> None:
+        """What follows every optimizer step of the encoder: each head's ``after_step`` (an EMA
+        teacher follows the encoder). Loops of their own that step the optimizer call it too."""
+        for head in self.heads.values():
+            head.after_step(self.encoder)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # gradients are unscaled here (also with fp16 + GradScaler)

@@ -101,8 +101,7 @@ def calibrate(
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], calibration.grad_clip_norm)
         optimizer.step()
         scheduler.step()
-        for head in model.heads.values():
-            head.after_step(model.encoder)
+        model.after_optimizer_step()
         first = first or {name: float(value) for name, value in losses.items()}
     record = {
         "steps": calibration.steps,

@@ -100,9 +100,10 @@ class ImageCollectionDataset(FileDataset):
                 f"ImageCollectionDataset: held_out must map 'val' and/or 'test' to fractions in [0, 1) "
                 f"that leave some images for training, got {held}"
             )
-        source = str(root).format(split=split) if "{split}" in str(root) else str(root)
-        files, base = collection_files(source)
-        if "{split}" not in str(root):
+        if "{split}" in str(root):
+            files, _ = collection_files(str(root).format(split=split))
+        else:
+            files, base = collection_files(root)
             files = [f for f in files if split_of(_relative(f, base), held) == split]
         self.set_classes(1, ["image"])
         self.items = [Item(image=str(f)) for f in files]
