@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -297,6 +298,36 @@ def test_an_image_collection_reads_folders_globs_and_lists_into_disjoint_splits(
         ImageCollectionDataset(str(tmp_path / "archive"), kind="classification")
     with pytest.raises(FileNotFoundError, match="nowhere not found"):
         ImageCollectionDataset(str(tmp_path / "nowhere"))
+
+
+def test_an_image_collection_gives_one_sample_per_slice_of_its_nifti_volumes(tmp_path):
+    import nibabel as nib
+    from nibabel.testing import data_path
+
+    from umedpt.data.readers.volume import volume_slice
+
+    archive = tmp_path / "scans"
+    archive.mkdir()
+    for name in ("anatomical.nii", "standard.nii.gz", "example4d.nii.gz"):  # 3D, 3D compressed, a 4D series
+        shutil.copy(Path(data_path) / name, archive / name)
+    axial = ImageCollectionDataset(str(archive), "train", held_out={}, image_size=32)
+    # canonical axial slices: 25 of the anatomical volume, 7 of the standard one; the 4D series is skipped, with a note
+    assert len(axial) == 25 + 7
+    assert sorted({axial.source(i).split(" [")[0] for i in range(len(axial))}) == [
+        str(archive / "anatomical.nii"), str(archive / "standard.nii.gz")]
+    assert [str(n.source) for n in axial.notes] == [str(archive / "example4d.nii.gz")]
+    assert "4D series" in axial.notes[0].message
+    for i in (0, 13, 30):
+        path, k = axial.items[i].image, axial.slices[i]
+        assert axial.source(i) == f"{path} [slice {k}]"
+        image, _ = axial.read(i)
+        np.testing.assert_array_equal(image, volume_slice(nib.load(path), 2, k))
+        case = axial[i]
+        assert case["image"].shape == (3, 32, 32) and torch.isfinite(case["image"]).all()
+    sagittal = ImageCollectionDataset(str(archive), "train", held_out={}, image_size=32, volume_axis=0)
+    assert len(sagittal) == 33 + 4
+    with pytest.raises(ValueError, match="axis must be 0, 1 or 2, got 3"):
+        ImageCollectionDataset(str(archive), "train", volume_axis=3)
 
 
 def test_an_image_collection_trains_an_ssl_task_and_passes_the_data_check(tmp_path, capsys):

@@ -7,15 +7,22 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.problems import DataError, Problem
 from umedpt.data.readers.base import FileDataset, Item, Kind, NonFinite
-from umedpt.data.readers.image_io import IMAGE_SUFFIXES
+from umedpt.data.readers.image_io import IMAGE_SUFFIXES, ImageMeta
+from umedpt.data.readers.volume import VolumeSlices
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
 __all__ = ["ImageCollectionDataset"]
 
 #: the share of a collection's images that go to the validation and test splits by default
 DEFAULT_HELD_OUT: dict[str, float] = {"val": 0.05, "test": 0.05}
+
+
+_NIFTI = (".nii", ".nii.gz")
 
 
 def _is_image(path: Path) -> bool:
@@ -69,9 +76,14 @@ class ImageCollectionDataset(FileDataset):
         kind: the kind the images serve (``mim`` or ``feature_mim``; both read images alone).
         image_size, transform, normalize, channels, resize, nonfinite: see
             :class:`~umedpt.data.readers.base.FileDataset`.
+        volume_axis: 3D NIfTI volumes give one sample per slice along this axis (0, 1 or 2; with
+            ``canonical`` 0 = sagittal, 1 = coronal, 2 = axial, the default). 4D series are
+            skipped and listed in :attr:`notes`.
+        canonical, cache_volumes: see :class:`~umedpt.data.readers.volume.NiftiSliceDataset`.
 
     Every format the readers read works (PNG/TIFF/JPEG/BMP, NPY, DICOM with one sample per
-    frame, 2D NIfTI); ``umedpt data check`` reports unreadable or non-finite images by file.
+    frame, NIfTI images and one sample per slice of NIfTI volumes); ``umedpt data check`` reports
+    unreadable or non-finite images by file (and slice).
     """
 
     def __init__(
@@ -86,6 +98,9 @@ class ImageCollectionDataset(FileDataset):
         channels: int = 3,
         resize: ResizeMode = "stretch",
         nonfinite: NonFinite = "error",
+        volume_axis: int = 2,
+        canonical: bool = True,
+        cache_volumes: int = 2,
     ) -> None:
         super().__init__(split, kind, image_size=image_size, transform=transform, normalize=normalize,
                          channels=channels, resize=resize, nonfinite=nonfinite)
@@ -106,8 +121,43 @@ class ImageCollectionDataset(FileDataset):
             files, base = collection_files(root)
             files = [f for f in files if split_of(_relative(f, base), held) == split]
         self.set_classes(1, ["image"])
+        self.volumes = VolumeSlices(volume_axis, canonical, cache_volumes, owner="ImageCollectionDataset")
         self.items = [Item(image=str(f)) for f in files]
         self.expand_frames()
+        items, self.slices = self.items, []
+        self.items = []
+        for item in items:
+            count = self._slices(item.image) if item.frame is None else None
+            for k in [None] if count is None else range(count):  # a volume that cannot be sliced gives none
+                self.items.append(item if k is None else Item(image=item.image, where=f"{item.image} slice {k}"))
+                self.slices.append(k)
+
+    def _slices(self, path: str) -> int | None:
+        """How many slices a 3D NIfTI volume gives (0 when it cannot be sliced), None for a 2D image."""
+        if not path.lower().endswith(_NIFTI) or not Path(path).is_file():
+            return None
+        try:
+            shape = self.volumes.shape(path)
+        except DataError as err:  # one unreadable file does not hide the others
+            self.notes.append(err.problem or Problem(path, "image", str(err)))
+            return 0
+        if sum(s > 1 for s in shape) <= 2:
+            return None  # a 2D image stored as NIfTI: read as one image
+        why = self.volumes.why_not_3d(path)
+        if why is not None:
+            self.notes.append(Problem(path, "image", why))
+            return 0
+        return self.volumes.count(path)
+
+    def source(self, i: int) -> str:
+        k = self.slices[i]
+        return super().source(i) if k is None else f"{self.items[i].image} [slice {k}]"
+
+    def read(self, i: int) -> tuple[np.ndarray, ImageMeta]:
+        k = self.slices[i]
+        if k is None:
+            return super().read(i)
+        return self.volumes.read(self.items[i].image, k, "image", sample=i), ImageMeta()
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -16,7 +16,7 @@ from umedpt.data.readers.image_io import ImageMeta
 from umedpt.data.readers.segmentation import SegmentationDataset
 from umedpt.data.transforms import ResizeMode, TransformSpec
 
-__all__ = ["NiftiSliceDataset", "slice_count", "volume_slice"]
+__all__ = ["NiftiSliceDataset", "VolumeSlices", "slice_count", "volume_slice"]
 
 #: voxel axis i of the file goes to canonical axis ORIENT[i, 0], flipped when ORIENT[i, 1] == -1
 _IDENTITY = np.array([[0, 1], [1, 1], [2, 1]])
@@ -73,6 +73,83 @@ def _not_3d(shape: tuple[int, ...]) -> str:
             "save the volumes to slice (e.g. one time point or the mean) as 3D files")
 
 
+class VolumeSlices:
+    """Reads 2D slices of 3D NIfTI volumes along one axis, keeping a few opened volumes in memory.
+
+    Compressed ``.nii.gz`` volumes are decompressed whole when a slice is first read (random
+    access into gzip streams is slow); uncompressed ``.nii`` slices are read directly from disk.
+
+    Args:
+        axis: the axis slices are cut along (0, 1 or 2; with ``canonical`` 0 = sagittal,
+            1 = coronal, 2 = axial).
+        canonical: index the axes of the closest RAS orientation instead of the stored array axes.
+        cache_volumes: how many opened volumes stay in memory (per DataLoader worker).
+        owner: the name used in error messages (the dataset class).
+    """
+
+    def __init__(self, axis: int = 2, canonical: bool = True, cache_volumes: int = 2, owner: str = "NIfTI") -> None:
+        if axis not in (0, 1, 2):
+            raise ValueError(f"{owner}: axis must be 0, 1 or 2, got {axis}")
+        self.axis, self.canonical, self.cache_volumes = axis, canonical, cache_volumes
+        self._cache: OrderedDict[str, tuple[Any, np.ndarray | None]] = OrderedDict()
+
+    def open(self, path: str, load: bool = True) -> tuple[Any, np.ndarray | None]:
+        """The nibabel image of ``path`` and, for compressed files when ``load``, its voxels (cached)."""
+        import nibabel as nib
+
+        image, data = self._cache.pop(path, (None, None))
+        if image is None:
+            try:
+                image = nib.load(path)
+            except Exception as err:  # nibabel raises several types for foreign files
+                raise DataError.of(path, "image", f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
+        if load and data is None and path.lower().endswith(".gz"):
+            data = np.asanyarray(image.dataobj)
+        self._cache[path] = (image, data)
+        while len(self._cache) > max(self.cache_volumes, 1):
+            self._cache.popitem(last=False)
+        return image, data
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        """The stored shape of the volume (its header only)."""
+        image, _ = self.open(path, load=False)
+        return tuple(int(s) for s in image.shape)
+
+    def why_not_3d(self, path: str) -> str | None:
+        """Why ``path`` cannot be sliced (not 3D, or a 4D series), or None when it can."""
+        shape = self.shape(path)
+        if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+            return _not_3d(shape)
+        return None
+
+    def count(self, path: str) -> int:
+        """The number of slices of the volume along :attr:`axis` (its header only)."""
+        image, _ = self.open(path, load=False)
+        return slice_count(image, self.axis, self.canonical)
+
+    def read(self, path: str, index: int, fld: str = "image", sample: int | None = None) -> np.ndarray:
+        """Slice ``index`` of the volume at full depth; a :class:`DataError` naming the file, the
+        slice and ``fld`` when it cannot be read."""
+        where = f"{path} [slice {index}]"
+        try:  # the header was read when the volume was listed; the voxels are read now
+            image, data = self.open(path)
+            if index >= slice_count(image, self.axis, self.canonical):
+                raise DataError.of(where, fld, "the volume has no such slice", index=sample)
+            return volume_slice(image, self.axis, index, self.canonical, data)
+        except DataError:
+            raise
+        except Exception as err:  # gzip, zlib, numpy and nibabel each raise their own types
+            raise DataError.of(
+                where, fld, f"cannot read the voxels ({type(err).__name__}: {err}); the file may be truncated or "
+                "corrupt", index=sample,
+            ) from err
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()  # DataLoader workers build their own cache
+        return state
+
+
 class NiftiSliceDataset(SegmentationDataset):
     """Every slice of 3D NIfTI image volumes with their label volumes, as 2D segmentation samples.
 
@@ -127,10 +204,8 @@ class NiftiSliceDataset(SegmentationDataset):
             image_size=image_size, transform=transform, normalize=normalize, channels=channels, resize=resize,
             nonfinite=nonfinite,
         )
-        if axis not in (0, 1, 2):
-            raise ValueError(f"NiftiSliceDataset: axis must be 0, 1 or 2, got {axis}")
+        self.volumes = VolumeSlices(axis, canonical, cache_volumes, owner="NiftiSliceDataset")
         self.axis, self.canonical, self.cache_volumes = axis, canonical, cache_volumes
-        self._cache: OrderedDict[str, tuple[Any, np.ndarray | None]] = OrderedDict()
         volumes, self.items, self.slices = self.items, [], []
         for volume in volumes:
             count = self._slice_count(volume)
@@ -142,36 +217,17 @@ class NiftiSliceDataset(SegmentationDataset):
         if not Path(volume.image).is_file():
             self.notes.append(Problem(volume.image, "file", "file not found"))
             return 0
-        image, _ = self._open(volume.image, load=False)
-        shape = tuple(int(s) for s in image.shape)
-        if len(shape) < 3 or any(s != 1 for s in shape[3:]):
-            self.notes.append(Problem(volume.image, "image", _not_3d(shape)))
+        why = self.volumes.why_not_3d(volume.image)
+        if why is not None:
+            self.notes.append(Problem(volume.image, "image", why))
             return 0
-        count = slice_count(image, self.axis, self.canonical)
         if volume.mask is not None and Path(volume.mask).is_file():
-            mask, _ = self._open(volume.mask, load=False)
-            if tuple(mask.shape[:3]) != tuple(image.shape[:3]):
+            image_shape, mask_shape = self.volumes.shape(volume.image), self.volumes.shape(volume.mask)
+            if mask_shape[:3] != image_shape[:3]:
                 self.notes.append(
-                    Problem(volume.mask, "mask", f"volume shape {mask.shape} differs from the image volume's {image.shape}")
+                    Problem(volume.mask, "mask", f"volume shape {mask_shape} differs from the image volume's {image_shape}")
                 )
-        return count
-
-    def _open(self, path: str, load: bool = True) -> tuple[Any, np.ndarray | None]:
-        """The nibabel image of ``path`` and, for compressed files when ``load``, its voxels (cached)."""
-        import nibabel as nib
-
-        image, data = self._cache.pop(path, (None, None))
-        if image is None:
-            try:
-                image = nib.load(path)
-            except Exception as err:  # nibabel raises several types for foreign files
-                raise DataError.of(path, "image", f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
-        if load and data is None and path.lower().endswith(".gz"):
-            data = np.asanyarray(image.dataobj)  # random access into gzip streams is slow: keep the volume
-        self._cache[path] = (image, data)
-        while len(self._cache) > max(self.cache_volumes, 1):
-            self._cache.popitem(last=False)
-        return image, data
+        return self.volumes.count(volume.image)
 
     def source(self, i: int) -> str:
         return f"{self.items[i].image} [slice {self.slices[i]}]"
@@ -179,32 +235,12 @@ class NiftiSliceDataset(SegmentationDataset):
     def mask_source(self, i: int) -> str:
         return f"{self.items[i].mask or self.items[i].image} [slice {self.slices[i]}]"
 
-    def _read_slice(self, path: str, i: int, fld: str) -> np.ndarray:
-        where = f"{path} [slice {self.slices[i]}]"
-        try:  # the header was read when the volume was listed; the voxels are read now
-            image, data = self._open(path)
-            if self.slices[i] >= slice_count(image, self.axis, self.canonical):
-                raise DataError.of(where, fld, "the volume has no such slice", index=i)
-            return volume_slice(image, self.axis, self.slices[i], self.canonical, data)
-        except DataError:
-            raise
-        except Exception as err:  # gzip, zlib, numpy and nibabel each raise their own types
-            raise DataError.of(
-                where, fld, f"cannot read the voxels ({type(err).__name__}: {err}); the file may be truncated or "
-                "corrupt", index=i,
-            ) from err
-
     def read(self, i: int) -> tuple[np.ndarray, ImageMeta]:
         """Slice ``i`` of its image volume, at full depth."""
-        return self._read_slice(self.items[i].image, i, "image"), ImageMeta()
+        return self.volumes.read(self.items[i].image, self.slices[i], "image", sample=i), ImageMeta()
 
     def read_mask(self, i: int) -> np.ndarray:
         """Slice ``i`` of its label volume."""
         if self.items[i].mask is None:
             raise DataError.of(self.source(i), "mask", "the volume has no label volume", index=i)
-        return self._read_slice(self.items[i].mask, i, "mask")
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_cache"] = OrderedDict()  # DataLoader workers build their own cache
-        return state
+        return self.volumes.read(self.items[i].mask, self.slices[i], "mask", sample=i)
