@@ -37,6 +37,10 @@ def load_recipe(recipe: str) -> dict[str, Any]:
     return OmegaConf.to_container(merged, resolve=True)
 
 
+#: the self-supervised tasks a benchmark may add to a recipe's by name (``configs/ssl_quick.yaml``)
+SSL_CONFIG = "configs/ssl_quick.yaml"
+
+
 def recipe_tasks(recipe: str) -> list[Any]:
     """The recipe's task specs (:class:`umedpt.Task`)."""
     from umedpt.tasks import as_task
@@ -44,12 +48,35 @@ def recipe_tasks(recipe: str) -> list[Any]:
     return [as_task(t) for t in load_recipe(recipe)["model"]["tasks"]]
 
 
+def ssl_tasks() -> list[Any]:
+    """The self-supervised task specs of :data:`SSL_CONFIG` (``mim`` and ``feature_mim`` per world)."""
+    from omegaconf import OmegaConf
+
+    from umedpt.tasks import as_task
+
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / SSL_CONFIG), resolve=True)
+    return [as_task(t) for t in config["model"]["tasks"]]
+
+
+def select_tasks(recipe: str, names: list[str] | None = None) -> list[Any]:
+    """The tasks ``names`` (default: all the recipe's), in that order: the recipe's tasks and, by
+    name, the self-supervised tasks of :func:`ssl_tasks`."""
+    tasks = recipe_tasks(recipe)
+    if names is None:
+        return tasks
+    pool = {t.name: t for t in [*tasks, *ssl_tasks()]}
+    unknown = [n for n in names if n not in pool]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown} in recipe {recipe!r} and {SSL_CONFIG}")
+    return [pool[n] for n in names]
+
+
 def build_model(recipe: str, names: list[str] | None = None, **overrides: Any) -> Any:
     """The recipe's :class:`umedpt.MultiTaskModule` with only the tasks ``names`` (default all)."""
     from umedpt import MultiTaskModule, SwinEncoder
 
     cfg = load_recipe(recipe)["model"]
-    tasks = [t for t in recipe_tasks(recipe) if names is None or t.name in names]
+    tasks = select_tasks(recipe, names)
     encoder = SwinEncoder(**cfg.get("encoder", {}).get("init_args", {}))
     kwargs = {k: v for k, v in cfg.items() if k not in ("tasks", "encoder")}
     # benchmarks train every task in every step, whatever subset the recipe samples, with one AdamW
@@ -65,7 +92,7 @@ def build_datamodule(recipe: str, names: list[str] | None = None, **overrides: A
 
     cfg = dict(load_recipe(recipe).get("data", {}))
     cfg.update(overrides)
-    tasks = [t for t in recipe_tasks(recipe) if names is None or t.name in names]
+    tasks = select_tasks(recipe, names)
     return MultiTaskDataModule(tasks=tasks, **cfg)
 
 

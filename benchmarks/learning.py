@@ -81,14 +81,24 @@ def recipe_config(recipe: str, sets: list[str]) -> dict[str, Any]:
     return cfg
 
 
-def task_specs(cfg: dict[str, Any], names: list[str] | None) -> list[Any]:
+def task_specs(cfg: dict[str, Any], names: list[str] | None, task_sets: list[str] = ()) -> list[Any]:
+    """The tasks ``names`` (default: the recipe's), with ``task.field=value`` overrides applied."""
+    from dataclasses import replace
+
     from umedpt.tasks import as_task
 
     tasks = [as_task(t) for t in cfg["model"]["tasks"]]
-    if not names:
-        return tasks
-    known = {t.name: t for t in tasks}
-    return [known[name] if name in known else synthetic_task(name, list(known)) for name in names]
+    if names:
+        known = {t.name: t for t in tasks}
+        tasks = [known[name] if name in known else synthetic_task(name, list(known)) for name in names]
+    for item in task_sets:
+        key, eq, value = item.partition("=")
+        name, _, fld = key.partition(".")
+        match = [i for i, t in enumerate(tasks) if t.name == name]
+        if not eq or not fld or not match:
+            raise SystemExit(f"--task-set expects <task>.<field>=value for a task of {[t.name for t in tasks]}, got {item!r}")
+        tasks[match[0]] = replace(tasks[match[0]], **{fld: parse_value(value)})
+    return tasks
 
 
 def synthetic_task(name: str, recipe_names: list[str]) -> Any:
@@ -438,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], help="config override key.path=value"
     )
+    parser.add_argument(
+        "--task-set", dest="task_sets", action="append", default=[],
+        help="task override <task>.<field>=value, e.g. histology_dominant.weight=0.5",
+    )
     parser.add_argument("--name", default=None, help="results file name (default learning_<recipe>_cpu)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -469,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     for logger_name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(logger_name).setLevel(logging.ERROR)
     cfg = recipe_config(args.recipe, args.sets)
-    tasks = task_specs(cfg, args.tasks)
+    tasks = task_specs(cfg, args.tasks, args.task_sets)
     per_step = cfg["model"].get("tasks_per_step")
     steps = args.steps or math.ceil(cfg["trainer"]["max_steps"] * (per_step or len(tasks)) / len(tasks))
     runs: list[dict[str, Any]] = []
@@ -517,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "recipe": args.recipe,
         "overrides": args.sets,
+        "task_overrides": args.task_sets,
         "steps": steps,
         "seeds": args.seeds,
         "modes": args.modes,

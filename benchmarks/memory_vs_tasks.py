@@ -11,7 +11,10 @@ mmap threshold fixed so that freed buffers leave the RSS.
 
 The task order interleaves the kinds (segmentation, detection, classification, multi-label,
 ...), led by the single task with the largest peak (measured first), so ``peak(T) / peak(1)`` is
-the memory price of adding tasks to the most demanding one.
+the memory price of adding tasks to the most demanding one. Two self-supervised tasks
+(``--ssl``, from ``configs/ssl_quick.yaml``: a masked-pixel and a masked-feature task with its
+EMA teacher) are then added to all the recipe's tasks: with the task-by-task loop they should
+cost their heads, the teacher and optimizer state, not a second task's activations.
 
     python benchmarks/memory_vs_tasks.py                          # quick recipe, CPU
     python benchmarks/memory_vs_tasks.py --recipe full            # swin_tiny, 224 px, CPU
@@ -50,6 +53,7 @@ def worker(recipe: str, names: list[str], mode: str, device: str, steps: int) ->
     """Build a model with the tasks ``names``, run ``steps`` steps in ``mode``, return memory figures."""
     import torch
 
+    from umedpt.kinds import SSL_KINDS
     from umedpt.module import MultiTaskModule  # noqa: F401  (import the stack before the baseline)
 
     if device == "cuda":
@@ -79,6 +83,7 @@ def worker(recipe: str, names: list[str], mode: str, device: str, steps: int) ->
     state_mb = 4 * 4 * params / 2**20
     return {
         "tasks": len(names),
+        "ssl_tasks": sum(model.tasks[n].kind in SSL_KINDS for n in names),
         "mode": mode,
         "params_m": round(params / 1e6, 3),
         "peak_mb": round(peak, 1),
@@ -119,6 +124,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 4, 8, 17])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--ssl", nargs="*", default=["radiograph_mim", "histology_feature"],
+                        help="self-supervised tasks (configs/ssl_quick.yaml) added to all the recipe's tasks "
+                        "in a last point; none to skip it")  # fmt: skip
     parser.add_argument("--max-naive-tasks", type=int, default=None,
                         help="skip naive points above this many tasks (their activations exceed memory)")  # fmt: skip
     parser.add_argument("--worker", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
@@ -137,12 +145,18 @@ def main() -> None:
                 skipped.append({"tasks": num_tasks, "mode": mode, "reason": "exceeds memory (--max-naive-tasks)"})
                 continue
             rows.append(run_point(args, order[:num_tasks], mode))
+    if args.ssl:
+        for mode in ("umedpt", "naive"):
+            if mode == "naive" and args.max_naive_tasks is not None and len(order) + len(args.ssl) > args.max_naive_tasks:
+                skipped.append({"tasks": len(order) + len(args.ssl), "mode": mode, "reason": "exceeds memory"})
+                continue
+            rows.append(run_point(args, order + list(args.ssl), mode))
     first = {r["mode"]: r["peak_mb"] for r in rows if r["tasks"] == args.tasks[0]}
     for r in rows:
         r["ratio_to_first"] = round(r["peak_mb"] / first[r["mode"]], 3)
     table = markdown_table(
         ["tasks", "loop", "peak MiB", f"peak / peak(T={args.tasks[0]})", "state MiB", "activations MiB", "last step s"],
-        [[r["tasks"], r["mode"], r["peak_mb"], f"{r['ratio_to_first']:.2f}", r["state_mb"],
+        [[f"{r['tasks'] - r['ssl_tasks']} + {r['ssl_tasks']} SSL" if r["ssl_tasks"] else r["tasks"], r["mode"], r["peak_mb"], f"{r['ratio_to_first']:.2f}", r["state_mb"],
           r["activations_mb"], r["last_step_s"]] for r in rows],  # fmt: skip
     )
     print("\n" + table)
@@ -155,6 +169,7 @@ def main() -> None:
             "steps": args.steps,
             "single_task_peak_mb": single,
             "task_order": order,
+            "ssl_tasks": list(args.ssl),
             "rows": rows,
             "skipped": skipped,
         },

@@ -25,15 +25,24 @@ def load(pattern: str) -> list[dict[str, Any]]:
 def memory_section(results: list[dict[str, Any]]) -> str:
     parts = []
     for res in results:
-        rows = {(r["tasks"], r["mode"]): r for r in res["rows"]}
-        counts = sorted({t for t, _ in rows})
+        # a point is (tasks, self-supervised tasks among them): "17 + 2 SSL" after the supervised counts
+        rows = {(r["tasks"], r.get("ssl_tasks", 0), r["mode"]): r for r in res["rows"]}
+        points = sorted({(t, ssl) for t, ssl, _ in rows}, key=lambda p: (p[1], p[0]))
+
+        def label(t: int, ssl: int) -> str:
+            return f"{t - ssl} + {ssl} SSL" if ssl else str(t)
+
+        def cells(t: int, ssl: int, mode: str, rows: dict = rows) -> list[Any]:
+            row = rows.get((t, ssl, mode))
+            if row is None:
+                return ["n/a (exceeds memory)", "-"]
+            return [row["peak_mb"], f"{row['ratio_to_first']:.2f}"]
+
+        counts = [t for t, ssl in points if not ssl]
         table = markdown_table(
             ["tasks", "umedpt peak MiB", "umedpt ratio", "naive peak MiB", "naive ratio"],
-            [[t, rows[(t, "umedpt")]["peak_mb"], f"{rows[(t, 'umedpt')]['ratio_to_first']:.2f}",
-              rows.get((t, "naive"), {}).get("peak_mb", "n/a (exceeds memory)"),
-              f"{rows[(t, 'naive')]['ratio_to_first']:.2f}" if (t, "naive") in rows else "-"]
-             for t in counts],
-        )  # fmt: skip
+            [[label(t, ssl), *cells(t, ssl, "umedpt"), *cells(t, ssl, "naive")] for t, ssl in points],
+        )
         parts.append(f"**{res['recipe']} recipe, {res['device']}** ({res['date']}; ratio = peak / peak at "
                      f"{counts[0]} task)\n\n{table}")  # fmt: skip
     return "\n\n".join(parts)
@@ -48,12 +57,16 @@ def plot_memory(results: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         for mode, style in (("umedpt", "o-"), ("naive", "s--")):
-            points = sorted((r["tasks"], r["peak_mb"]) for r in res["rows"] if r["mode"] == mode)
+            points = sorted((r["tasks"], r["peak_mb"]) for r in res["rows"] if r["mode"] == mode and not r.get("ssl_tasks"))
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=f"{mode} loop")
+            ssl = [(r["tasks"], r["peak_mb"]) for r in res["rows"] if r["mode"] == mode and r.get("ssl_tasks")]
+            if ssl:
+                ax.plot(*zip(*ssl, strict=True), "*", ms=11, color=ax.lines[-1].get_color(),
+                        label=f"{mode} loop, + {res['rows'][-1]['ssl_tasks']} SSL tasks")  # fmt: skip
         # naive points that were not run (their activations exceed memory): marked, not dropped
         measured = {r["tasks"] for r in res["rows"] if r["mode"] == "naive"}
-        skipped = sorted({r["tasks"] for r in res["rows"]} - measured)
+        skipped = sorted({r["tasks"] for r in res["rows"] if not r.get("ssl_tasks")} - measured)
         if skipped and measured:
             top = max(r["peak_mb"] for r in res["rows"])
             ax.plot(skipped, [top * 1.08] * len(skipped), "x", color="C1", ms=9, mew=2,

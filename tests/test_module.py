@@ -313,12 +313,16 @@ def test_grad_clip_mode_is_checked(tasks):
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_per_task_moments_fit_equals_a_manual_taskwise_adamw_loop(tasks, batch, tmp_path):
     """``moments="per_task"``: after each task's backward its gradient (encoder + its head) is
-    clipped alone and taken into that task's AdamW moments; one step applies them all."""
+    clipped alone and taken into that task's AdamW moments; one step applies them all, each
+    task's direction times its weight (AdamW's normalisation would undo a loss weight)."""
+    from dataclasses import replace
+
     from lightning import Trainer
     from torch.utils.data import DataLoader
 
     from umedpt.optim import TaskwiseAdamW
 
+    tasks = [replace(tasks[0], weight=0.25), *tasks[1:]]
     max_norm = 0.05  # below every task's gradient norm: each one is clipped
     model = make_module(tasks, moments="per_task", grad_clip_norm=max_norm, lr=1e-3, warmup_steps=1, export_encoder=False)
     reference = copy.deepcopy(model)
@@ -339,7 +343,7 @@ def test_per_task_moments_fit_equals_a_manual_taskwise_adamw_loop(tasks, batch, 
             reference.task_loss(name, step_batch[name]).backward()
             trained = [*reference.encoder.parameters(), *reference.heads[name].parameters()]
             torch.nn.utils.clip_grad_norm_([p for p in trained if p.grad is not None], max_norm)
-            optimizer.accumulate(name)
+            optimizer.accumulate(name, reference.tasks[name].weight)
         optimizer.step()
         scheduler.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):

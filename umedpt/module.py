@@ -320,8 +320,9 @@ class MultiTaskModule(LightningModule):
                 if earlier is not None:
                     self._restore_encoder_grads(earlier)
                 if taskwise is not None:
-                    scale = sum(weights[n] for n in group) / len(group) if weights is not None else 1.0
-                    taskwise.accumulate("+".join(group), scale)
+                    # AdamW's normalisation undoes a loss weight: a task's weight scales its direction
+                    scale = sum(self.tasks[n].weight * (weights[n] if weights is not None else 1.0) for n in group)
+                    taskwise.accumulate("+".join(group), scale / len(group))
                 if rows is not None:
                     rows.append(self._take_encoder_grad())
             losses.update({name: loss.detach() for name, loss in group_losses.items()})

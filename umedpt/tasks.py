@@ -33,7 +33,9 @@ class Task:
         head_args: extra keyword arguments of the head.
         loss_scale: factor that normalises the loss to about 1 at initialisation;
             ``None`` uses the head's own (e.g. 1 / ln C for cross-entropy).
-        weight: relative weight of this task in the summed loss.
+        weight: relative weight of this task: its loss is multiplied by it and, with AdamW
+            moments per task (``moments: per_task``, whose normalisation would undo a loss
+            weight), so is its AdamW direction in the step.
         lr_factor: the head's learning rate relative to the encoder's.
         batch_size: training batch size of this task.
         num_workers: DataLoader workers of this task; ``None`` uses the data module's default.
