@@ -128,7 +128,7 @@ def test_option_typo_gives_one_line_with_the_close_name(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2, err  # the error and where help is; no usage dump
-    assert "unrecognized arguments: --model.lrr" in err[0] and "did you mean --model.lr " in err[0]
+    assert "model (umedpt.MultiTaskModule): option 'lrr' is not accepted (did you mean --model.lr?)" in err[0]
     assert "lightning fit --help" in err[1] or "--help" in err[1]
 
 

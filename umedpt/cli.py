@@ -1,8 +1,12 @@
 """Command line: ``lightning``, ``umedpt`` and ``python -m umedpt``.
 
 ``lightning fit -c configs/umedpt.yaml`` trains; ``validate``, ``test`` and ``predict`` work the same way.
-A config whose ``model`` names a ``class_path`` (for example ``configs/mllm.yaml``) runs that
-LightningModule and the ``data`` class it names instead of the multi-task pretraining defaults.
+One LightningCLI parses every config: ``model`` and ``data`` name a ``class_path`` or, without
+one, are the arguments of the multi-task pretraining classes (:class:`~umedpt.MultiTaskModule`,
+:class:`~umedpt.data.MultiTaskDataModule`), so ``model: {tasks: [...], lr: ...}`` and
+``model: {class_path: umedpt.mllm.MLLMModule, init_args: {...}}`` (``configs/mllm.yaml``) are
+the same dialect; ``--model.lr`` works for both. The model's ``tasks`` and ``tasks_per_step``
+reach a data module that takes them.
 
 Commands that are not Trainer methods are listed in :data:`COMMANDS`; each is a function
 ``main(args) -> int`` in its own module, imported only when used (``umedpt probe --help``).
@@ -12,8 +16,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -25,6 +31,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 import torch  # noqa: E402
+from lightning import LightningDataModule, LightningModule  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
@@ -102,6 +109,34 @@ def _did_you_mean(message: str, parser: Any) -> str:
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
+def _import_class(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _class_problem(message: str) -> str | None:
+    """One line for jsonargparse's report on a ``model`` / ``data`` section that its class refuses:
+    ``model (umedpt.MultiTaskModule): option 'lrr' is not accepted (did you mean --model.lr?)``."""
+    found = re.search(r'Parser key "(model|data)":.*?Problem with given class_path \'([^\']+)\':\s*\n(.*?)(?:\n\s*- |\Z)',
+                      message, re.S)
+    if found is None:
+        return None
+    key, class_path, reason = found.groups()
+    reason = re.sub(r"\s+", " ", reason).strip()
+    reason = re.sub(r'Parser key "([^"]+)": ', r"\1: ", reason)
+    hint = ""
+    option = re.search(r"Option '([^']+)' is not accepted", reason)
+    if option:
+        reason = reason.replace("Option", "option", 1)
+        try:
+            accepted = list(inspect.signature(_import_class(class_path)).parameters)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            accepted = []
+        close = difflib.get_close_matches(option.group(1), accepted, n=1, cutoff=0.75)
+        hint = f" (did you mean --{key}.{close[0]}?)" if close else ""
+    return f"{key} ({class_path}): {reason}{hint}"
+
+
 class _Parser(LightningArgumentParser):
     """LightningCLI's parser with one-line errors: the message, a close option name, where help is.
 
@@ -113,8 +148,10 @@ class _Parser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
+        condensed = _class_problem(message)
+        text = condensed if condensed is not None else f"{message.strip()}{_did_you_mean(message, parser)}"
         sys.stderr.write(
-            f"{prog}: error: {message.strip()}{_did_you_mean(message, parser)}\n"
+            f"{prog}: error: {text}\n"
             f"(`{prog} --help` lists the accepted options)\n"
         )
         sys.exit(2)
@@ -124,14 +161,43 @@ class _Parser(LightningArgumentParser):
 DEFAULT_CHECKPOINT_EVERY = 500
 
 
-class _CommandsCLI(LightningCLI):
-    """LightningCLI with umedpt's command behaviour (both the pretraining and the class-path form).
+#: how jsonargparse's messages that wrap a class's own error start
+_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
 
+
+class UMedPTCLI(LightningCLI):
+    """The LightningCLI of every umedpt config (pretraining, IMAX, MLLM), with umedpt's behaviour.
+
+    - ``model`` and ``data`` default to :class:`~umedpt.MultiTaskModule` and
+      :class:`~umedpt.data.MultiTaskDataModule`; a ``class_path`` picks another LightningModule
+      or data module. The model's ``tasks`` and ``tasks_per_step`` are linked into the data
+      module's arguments of those names, where it has them;
     - ``validate`` / ``test`` print umedpt's compact per-task table instead of Lightning's
       tables (``--verbose true`` brings those back);
     - ``predict`` refuses to run without ``--ckpt_path`` (random weights), unless
       ``--untrained true`` says that is what is wanted.
     """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": f"{MultiTaskModule.__module__}.{MultiTaskModule.__qualname__}"},
+                             "data": {"class_path": f"{MultiTaskDataModule.__module__}.{MultiTaskDataModule.__qualname__}"}})
+        for key in ("tasks", "tasks_per_step"):
+            # the data module loads the model's tasks and draws each step's tasks (only their batches load)
+            parser.link_arguments(f"model.init_args.{key}", f"data.init_args.{key}", apply_on="parse")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse wraps a class's own error (a TypeError of a misspelt encoder argument,
+            # an ImportError of a missing head class) in reports on the class path and on every
+            # type the section could have been: the class's error is the one to see
+            cause: BaseException = err
+            while isinstance(cause, ValueError) and cause.__cause__ is not None and str(cause).startswith(_WRAPPERS):
+                cause = cause.__cause__
+            if cause is err:
+                raise
+            raise cause from None
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -210,7 +276,12 @@ class _CommandsCLI(LightningCLI):
             hparams = checkpoint.get("hyper_parameters", {})
         except UNREADABLE as err:
             raise unreadable_checkpoint(ckpt_path, err) from err
-        differences = architecture_differences(hparams, config.get("model"))
+        model = config.get("model")
+        if model is not None and model.get("class_path") is not None:
+            if not issubclass(_import_class(model["class_path"]), MultiTaskModule):
+                return  # the encoder-and-tasks comparison is MultiTaskModule's
+            model = model.get("init_args")
+        differences = architecture_differences(hparams, model)
         if differences:
             raise ValueError(
                 f"checkpoint {ckpt_path} holds another model than the config: "
@@ -234,6 +305,10 @@ class _CommandsCLI(LightningCLI):
             self._check_checkpoint_model(config, config["ckpt_path"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        if not isinstance(getattr(self.model, "tasks", None), dict):
+            # a module without umedpt tasks (the MLLM stage) writes its predictions its own way
+            defaults = [c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, TaskPredictionWriter)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
         # a run that starts from a checkpoint of a run folder writes into that folder
         config = self.config_init.get(self.subcommand) or {} if self.subcommand else {}
         ckpt = config.get("ckpt_path")
@@ -256,15 +331,6 @@ class _CommandsCLI(LightningCLI):
             )
 
 
-class UMedPTCLI(_CommandsCLI):
-    """LightningCLI whose datamodule receives the model's task list and tasks per step."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.tasks", "data.tasks", apply_on="parse")
-        # the data module draws each step's tasks, so that only their batches are loaded
-        parser.link_arguments("model.tasks_per_step", "data.tasks_per_step", apply_on="parse")
-
-
 def _config_paths(args: Sequence[str]) -> list[Path]:
     paths = []
     for i, arg in enumerate(args):
@@ -273,23 +339,6 @@ def _config_paths(args: Sequence[str]) -> list[Path]:
         elif arg.startswith("--config="):
             paths.append(Path(arg.split("=", 1)[1]))
     return paths
-
-
-def _names_model_class(args: Sequence[str]) -> bool:
-    """True when a config file (or ``--model``) names the LightningModule's ``class_path``."""
-    import yaml
-
-    for arg in args:
-        if arg.startswith("--model=") or arg.startswith("--model.class_path"):
-            return True
-    for path in _config_paths(args):
-        if not path.is_file():
-            continue  # LightningCLI reports the missing file
-        config = yaml.safe_load(path.read_text()) or {}
-        model = config.get("model") if isinstance(config, dict) else None
-        if isinstance(model, dict) and "class_path" in model:
-            return True
-    return False
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> Any:
@@ -318,30 +367,22 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     if args is not None:
         sys.argv = argv[:1]
     try:
-        if _names_model_class(argv_list):
-            return _CommandsCLI(
-                args=argv_list if args is not None else None,
-                run=run,
-                subclass_mode_data=True,
-                auto_configure_optimizers=False,  # the modules configure their own optimisers
-                parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
-                parser_class=_Parser,
-                save_config_kwargs={"overwrite": True},
-                seed_everything_default=0,
-            )
         return UMedPTCLI(
-            MultiTaskModule,
-            MultiTaskDataModule,
+            LightningModule,
+            LightningDataModule,
             args=argv_list if args is not None else None,
             run=run,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
             parser_class=_Parser,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
-            auto_configure_optimizers=False,  # MultiTaskModule builds its own AdamW and schedule
-            # always present (not configurable): predict writes one file per task, fit plots
-            # per-task learning curves into the run directory, every run writes its metrics files,
-            # (the progress bar, umedpt.reporting.StepProgressBar, is added by _CommandsCLI)
+            auto_configure_optimizers=False,  # the modules build their own optimizers and schedules
+            # always present (not configurable; each does nothing for a module without tasks, e.g. the
+            # MLLM stage): predict writes one file per task, fit plots per-task learning curves into the
+            # run directory, every run writes its metrics files (the progress bar,
+            # umedpt.reporting.StepProgressBar, is added in _instantiate_trainer)
             trainer_defaults={
                 "callbacks": [TaskPredictionWriter(), LearningCurves(), MetricsReport()]
             },

@@ -17,7 +17,8 @@ class TaskPredictionWriter(BasePredictionWriter):
     Classification and segmentation predictions are concatenated into one tensor
     (probabilities ``(N, C)`` / label masks ``(N, H, W)``); detection predictions stay a list
     of ``{boxes, scores, labels}`` dicts, one per image. The files hold only tensors, lists and
-    dicts, so ``torch.load(path, weights_only=True)`` reads them.
+    dicts, so ``torch.load(path, weights_only=True)`` reads them. Modules without a ``tasks``
+    mapping (the MLLM stage) are left to their own writers.
 
     Args:
         output_dir: where to write; ``None`` uses ``<log dir>/predictions``.
@@ -34,8 +35,8 @@ class TaskPredictionWriter(BasePredictionWriter):
         predictions: Sequence[Any],
         batch_indices: Sequence[Any],
     ) -> None:
-        if not trainer.is_global_zero:
-            return
+        if not trainer.is_global_zero or not isinstance(getattr(pl_module, "tasks", None), dict):
+            return  # a module without umedpt tasks (e.g. the MLLM stage) writes its own predictions
         per_loader = predictions if predictions and isinstance(predictions[0], list) else [predictions]
         root = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
         root.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ class ImageCentricDataModule(MultiTaskDataModule):
 
     Args:
         manifest: JSON-lines or CSV manifest (see the module docstring).
-        tasks: the tasks (in a config: ``tasks: ${model.init_args.tasks}``); annotations of
+        tasks: the tasks (the CLI links the model's ``tasks`` here); annotations of
             other tasks in the manifest are ignored.
         sampling: ``"image"`` (image-centric batches) or ``"task"`` (one loader per task).
         batch_size: images per image-centric training batch.
