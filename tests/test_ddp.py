@@ -263,7 +263,9 @@ def test_per_task_moments_under_ddp_step_with_each_rank_averaged_task_gradient(r
     expected = {n: v for n, v in model.state_dict().items() if n not in noise_level}
     for r, rank in enumerate(records):
         got = rank["final"]
-        wrong = [n for n in expected if not torch.allclose(got[n].float(), expected[n].float(), rtol=1e-4, atol=1e-6)]
+        # AdamW turns rounding differences of the all-reduce into steps of up to a few 1e-6 on single
+        # elements with tiny gradients; every parameter moves by about 1.6e-3 over the steps
+        wrong = [n for n in expected if not torch.allclose(got[n].float(), expected[n].float(), rtol=1e-4, atol=2e-5)]
         assert not wrong, f"rank {r}: {len(wrong)} tensors differ from the reference, e.g. {wrong[:6]}"
     key = "encoder.model.patch_embed.proj.weight"
     assert torch.equal(records[0]["final"][key], records[1]["final"][key])  # the ranks agree

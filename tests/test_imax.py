@@ -216,6 +216,53 @@ def test_manifest_cases_equal_the_synthetic_datasets(world):
                 torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(value), rtol=0, atol=1e-6)
 
 
+def test_augmentation_moves_every_task_s_mask_and_boxes_with_the_image_in_one_draw(world):
+    """IMAX cases go through the readers' pipeline: one draw of the training augmentation moves
+    the image and the targets of all its tasks together; evaluation splits are not augmented."""
+    tasks = tiny_tasks()
+    datamodule = ImageCentricDataModule(str(world), tasks, batch_size=4, transform=[{"name": "HorizontalFlip", "p": 1.0}])
+    record = next(r for r in read_manifest(world, tasks) if r.split == "train" and len(r.annotations[NAMES[3]].boxes))
+    plain_image, plain = datamodule.builder_for("val").case(record, NAMES)
+    image, flipped = datamodule.builder_for("train").case(record, NAMES)
+    torch.testing.assert_close(image, plain_image.flip(-1), rtol=0, atol=0)
+    assert torch.equal(flipped["segmentation"]["mask"], plain["segmentation"]["mask"].flip(-1))
+    width = image.shape[-1]
+    boxes = plain["detection"]["boxes"]
+    mirrored = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    torch.testing.assert_close(flipped["detection"]["boxes"], mirrored)
+    assert torch.equal(flipped["detection"]["box_labels"], plain["detection"]["box_labels"])
+    for name in ("grade", "objects"):  # image-level targets are not spatial
+        assert torch.equal(flipped[name]["label"], plain[name]["label"])
+    # the image-centric training dataset draws them; its evaluation views do not
+    datamodule.setup("fit")
+    assert datamodule.image_dataset.builder.train and not datamodule.builder.train
+
+
+def test_a_manifest_image_and_a_reader_s_image_become_the_same_case(tmp_path):
+    """One path from stored pixels to a case: the same PNG and mask through an IMAX manifest and
+    through SegmentationDataset give bitwise the same image and mask (same scaling and size)."""
+    import cv2
+
+    from umedpt.data.imax import Annotation, ImageRecord, write_manifest
+    from umedpt.data.readers import SegmentationDataset
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "masks" / "train").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "images" / "train" / "a.png"), rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "masks" / "train" / "a.png"), rng.integers(0, 3, (48, 40), dtype=np.uint8))
+    task = Task(name="seg", kind="segmentation", num_classes=3)
+    write_manifest([ImageRecord(id="a", image="images/train/a.png", split="train", line=1,
+                                annotations={"seg": Annotation(mask="masks/train/a.png")})],
+                   tmp_path / "m.jsonl", source_root=tmp_path)  # fmt: skip
+    imax = ImageCentricDataModule(str(tmp_path / "m.jsonl"), [task], image_size=32, normalize="auto").builder
+    image, targets = imax.case(read_manifest(tmp_path / "m.jsonl", [task])[0], ["seg"])
+    reader = SegmentationDataset(str(tmp_path / "images"), str(tmp_path / "masks"), split="train", num_classes=3,
+                                 image_size=32, normalize="auto")[0]  # fmt: skip
+    assert torch.equal(image, reader["image"])
+    assert torch.equal(targets["seg"]["mask"], torch.as_tensor(reader["mask"]))
+
+
 def test_views_give_equal_label_budgets_on_nested_image_sets(world):
     records = read_manifest(world)
     imax, dmax = imax_view(records, NAMES, 2), dmax_view(records, NAMES, 2)

@@ -240,7 +240,9 @@ def run(
     ignore_index = next((h.ignore_index for h in model.heads.values() if hasattr(h, "ignore_index")), 255)
     records = read_manifest(manifest, list(model.tasks.values()))
     root = Path(manifest).parent
-    builder = CaseBuilder(root, model.tasks, ignore_index=ignore_index, source=manifest, **preprocessing)
+    # scaled and resized as in training (no augmentation)
+    scaling = {k: data_hparams[k] for k in ("normalize", "resize") if k in data_hparams}
+    builder = CaseBuilder(root, model.tasks, ignore_index=ignore_index, source=manifest, **preprocessing, **scaling)
     out_path = Path(output)
     mask_dir = out_path.with_name(f"{out_path.stem}_masks")
     labelled, summary = pseudo_label(

@@ -14,6 +14,7 @@ In YAML a task's ``normalize`` is a method name, a CT window name, or a mapping:
     normalize: lung                                         # CT window preset (HU)
     normalize: {method: window, center: 40, width: 400}     # explicit window
     normalize: {method: range, min: 0, max: 4095}           # fixed range (12-bit data)
+    normalize: unit                                         # integers by their type's range, floats as in [0, 1]
     normalize: {method: minmax, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
 """
 
@@ -29,7 +30,7 @@ __all__ = ["METHODS", "WINDOWS", "ImageMeta", "Normalization", "NormalizationSpe
 
 #: ``auto``: 8-bit and boolean images by their type's range, images whose file has a display
 #: window (DICOM) by that window, everything else by ``percentile``.
-METHODS: tuple[str, ...] = ("auto", "range", "minmax", "percentile", "window")
+METHODS: tuple[str, ...] = ("auto", "range", "minmax", "percentile", "window", "unit")
 #: CT windows ``(center, width)`` in Hounsfield units
 WINDOWS: dict[str, tuple[float, float]] = {
     "soft_tissue": (40.0, 400.0),
@@ -163,6 +164,8 @@ class Normalization:
                 method = "window"
             else:
                 method = "percentile"
+        if method == "unit":  # values already meant as [0, 1] when floating point (IMAX, synthetic scenes)
+            return (0.0, 1.0) if image.dtype.kind == "f" else self._range(image)
         if method == "range":
             return self._range(image)
         if method == "window":

@@ -161,10 +161,12 @@ class CaseTransform:
             raise ValueError(f"image_size must be >= 1 or None, got {image_size}")
         random = augmentations(spec, channels)  # validates spec for every split
         self.train = train
+        self.boxes = boxes
         self.random = bool(random) and train
+        # the owner of a box says which box set (task) it belongs to when several move together
         bbox_params = (
             A.BboxParams(
-                format="pascal_voc", label_fields=["box_labels"], clip=True, min_visibility=0.25,
+                format="pascal_voc", label_fields=["box_labels", "box_owner"], clip=True, min_visibility=0.25,
                 filter_invalid_bboxes=True,
             )
             if boxes
@@ -199,19 +201,49 @@ class CaseTransform:
         generator, so DataLoader workers and ``seed_everything`` make runs reproducible).
         Returns the keys given (``image``, ``mask``, ``boxes``, ``box_labels``).
         """
+        masks = [mask] if mask is not None else []
+        box_sets = [(boxes, box_labels)] if boxes is not None else []
+        image, masks, box_sets = self.apply(image, masks, box_sets, seed)
+        result = {"image": image}
+        if mask is not None:
+            result["mask"] = masks[0]
+        if boxes is not None:
+            result["boxes"], result["box_labels"] = box_sets[0]
+        return result
+
+    def apply(
+        self,
+        image: np.ndarray,
+        masks: Sequence[np.ndarray] = (),
+        box_sets: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        seed: int | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+        """Transform an image with any number of masks and box sets in one draw (every mask and
+        box set moves with the image, e.g. the targets of all the tasks annotated on it).
+
+        Masks are uint16 (:data:`MASK_FILL` for "no label"); a box set is ``(boxes, labels)``,
+        ``xyxy`` pixels. Returns the image, the masks and the box sets in the order given.
+        """
         if self.random and seed is not None:
             self._reseed(seed)
         data: dict[str, Any] = {"image": image}
-        if mask is not None:
-            data["mask"] = mask
-        if boxes is not None:
-            data["bboxes"] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-            data["box_labels"] = np.asarray(box_labels, dtype=np.int64).reshape(-1)
+        if masks:
+            data["masks"] = list(masks)
+        if self.boxes and not box_sets:  # a pipeline built for boxes needs its label fields
+            data.update(bboxes=np.zeros((0, 4), np.float32), box_labels=np.zeros(0, np.int64),
+                        box_owner=np.zeros(0, np.int64))  # fmt: skip
+        elif box_sets:
+            data["bboxes"] = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1, 4) for b, _ in box_sets])
+            data["box_labels"] = np.concatenate([np.asarray(lab, dtype=np.int64).reshape(-1) for _, lab in box_sets])
+            data["box_owner"] = np.concatenate(
+                [np.full(len(np.asarray(lab).reshape(-1)), k, dtype=np.int64) for k, (_, lab) in enumerate(box_sets)]
+            )
         out = self.pipeline(**data) if self.pipeline is not None else data
-        result = {"image": out["image"]}
-        if mask is not None:
-            result["mask"] = out["mask"]
-        if boxes is not None:
-            result["boxes"] = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-            result["box_labels"] = np.asarray(out["box_labels"], dtype=np.int64).reshape(-1)
-        return result
+        out_masks = [np.asarray(m) for m in out["masks"]] if masks else []
+        out_boxes = []
+        if box_sets:
+            kept = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray(out["box_labels"], dtype=np.int64).reshape(-1)
+            owner = np.asarray(out["box_owner"], dtype=np.int64).reshape(-1)
+            out_boxes = [(kept[owner == k], labels[owner == k]) for k in range(len(box_sets))]
+        return out["image"], out_masks, out_boxes

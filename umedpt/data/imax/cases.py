@@ -6,37 +6,45 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from umedpt.data.case import CasePipeline
 from umedpt.data.imax.manifest import ImageRecord, ManifestError
 from umedpt.data.loading import collate_cases
-from umedpt.data.normalize import Normalization
-from umedpt.data.readers import read_image
+from umedpt.data.normalize import Normalization, NormalizationSpec
+from umedpt.data.readers import load_image, read_image
+from umedpt.data.transforms import ResizeMode, TransformSpec
 from umedpt.tasks import Task
 
 
 @dataclass
 class CaseBuilder:
-    """Turns manifest records into tensors: image, and each task's target at the image's size.
+    """Turns manifest records into cases: the image and each task's target, through the same
+    :class:`~umedpt.data.case.CasePipeline` as the file readers (scale, channels, resize and
+    augment with every task's mask and boxes in one draw, standardise).
 
     Args:
         root: directory that relative paths start from.
         tasks: task name -> task.
-        image_size: resize images (bilinear/area), masks (nearest) and boxes to this square
-            size; ``None`` keeps the stored size.
+        image_size: resize images, masks (nearest) and boxes to this square size; ``None`` keeps
+            the stored size.
         channels: 3 (grayscale repeated) or 1 (colour converted to luminance).
-        mean, std: the image, scaled to [0, 1] by its integer range (floats as stored), becomes
-            ``(x - mean) / std``.
+        mean, std: the image, scaled to [0, 1] (see ``normalize``), becomes ``(x - mean) / std``.
         ignore_index: mask value of pixels without a label (also fills missing masks).
         source: the manifest, for error messages.
+        normalize: how stored values are scaled to [0, 1], as for the readers
+            (:class:`~umedpt.data.normalize.Normalization`; ``unit``, the default: integers by
+            their type's range, floats as in [0, 1]); its mean and std are ``mean``, ``std``.
+        transform: augmentation preset or list (:mod:`umedpt.data.transforms`), applied when ``train``.
+        resize: ``stretch`` or ``letterbox``.
+        train: draw the random augmentations (the training split).
     """
 
     root: Path
@@ -47,59 +55,79 @@ class CaseBuilder:
     std: float = 0.25
     ignore_index: int = 255
     source: str = "manifest"
+    normalize: NormalizationSpec = "unit"
+    transform: TransformSpec = "none"
+    resize: ResizeMode = "stretch"
+    train: bool = False
 
     @functools.cached_property
+    def pipeline(self) -> CasePipeline:
+        """The readers' case pipeline with this builder's settings."""
+        scaling = replace(Normalization.from_spec(self.normalize), mean=self.mean, std=self.std)
+        return CasePipeline(
+            scaling, self.channels, self.image_size, self.transform, self.resize, train=self.train,
+            boxes=any("boxes" in t.task_kind.target_keys for t in self.tasks.values()),
+            ignore_index=self.ignore_index,
+        )
+
+    @property
     def normalization(self) -> Normalization:
-        """The standardisation ``(x - mean) / std``, as the file readers apply it."""
-        return Normalization(mean=self.mean, std=self.std)
+        """The scaling and standardisation, as the file readers apply them."""
+        return self.pipeline.normalization
 
     def image(self, record: ImageRecord) -> tuple[Tensor, tuple[int, int]]:
         """The normalised (C, H, W) image and the stored (H, W) size."""
-        array = read_image(self.root / record.image)  # (H, W) or (H, W, 3 | 4), values as stored
-        if array.ndim == 2:
-            array = array[..., None]
-        if np.issubdtype(array.dtype, np.integer):
-            array = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
-        array = array[..., :3].astype(np.float32, copy=False)
-        stored = (array.shape[0], array.shape[1])
-        if self.image_size is not None and stored != (self.image_size, self.image_size):
-            shrink = min(stored) >= 2 * self.image_size
-            array = cv2.resize(
-                array, (self.image_size,) * 2, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            )
-            array = array.reshape(self.image_size, self.image_size, -1)
-        if self.channels == 1 and array.shape[2] == 3:
-            array = cv2.cvtColor(array, cv2.COLOR_RGB2GRAY)[..., None]
-        elif self.channels == 3 and array.shape[2] == 1:
-            array = np.repeat(array, 3, axis=2)
-        array = self.normalization.standardize(array)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), stored
+        array, meta = self._load(record)
+        return self.pipeline(array, meta).image, (array.shape[0], array.shape[1])
 
-    def target(
-        self, record: ImageRecord, name: str, stored: tuple[int, int], size: tuple[int, int]
-    ) -> dict[str, Any]:
-        """Task ``name``'s target for ``record`` at ``size`` plus the ``present``/``pseudo`` flags.
+    def case(self, record: ImageRecord, names: Sequence[str]) -> tuple[Tensor, dict[str, dict[str, Any]]]:
+        """The image and the targets of the tasks ``names`` (each with its ``present``/``pseudo``
+        flags), moved together by one draw of the pipeline.
 
         A missing annotation gives a placeholder (class 0, no positives, an all-ignored mask,
         no boxes) with ``present=False``; the module leaves such samples out of the task's loss.
         """
+        array, meta = self._load(record)
+        stored = (array.shape[0], array.shape[1])
+        targets = {name: self._stored_target(record, name, stored) for name in names}
+        masks = {n: np.asarray(t["mask"]) for n, t in targets.items() if "mask" in t}
+        boxes = {n: (np.asarray(t["boxes"]), np.asarray(t["box_labels"])) for n, t in targets.items() if "boxes" in t}
+        case = self.pipeline(array, meta, masks, boxes)
+        size = (case.image.shape[1], case.image.shape[2])
+        for name, target in targets.items():
+            if name in case.masks:
+                target["mask"] = torch.from_numpy(case.masks[name])
+            if name in case.boxes:
+                target["boxes"], target["box_labels"] = (torch.from_numpy(a) for a in case.boxes[name])
+            if name not in case.masks and name not in case.boxes:  # image-level (or a plug-in kind's own)
+                targets[name] = self.tasks[name].task_kind.resize_targets(target, stored, size)
+        return case.image, targets
+
+    def _load(self, record: ImageRecord) -> tuple[np.ndarray, Any]:
+        path = self.root / record.image
+        try:
+            return load_image(path)
+        except (OSError, ValueError) as err:
+            raise ManifestError(f"{self.source} line {record.line} ({record.id!r}), field 'image': cannot read {path}: {err}") from err
+
+    def _stored_target(self, record: ImageRecord, name: str, stored: tuple[int, int]) -> dict[str, Any]:
+        """Task ``name``'s target for ``record`` at the stored size, with its flags."""
         task, a = self.tasks[name], record.annotations.get(name)
         kind = task.task_kind
         where = f"{self.source} line {record.line} ({record.id!r}), field 'annotations.{name}'"
         out: dict[str, Any] = {"present": a is not None, "pseudo": bool(a is not None and a.pseudo)}
         if a is None:
-            out.update(kind.annotation_targets(None, task.num_classes, size, self.ignore_index))
+            out.update(kind.annotation_targets(None, task.num_classes, stored, self.ignore_index))
             return out
         values = {f: getattr(a, f) for f in kind.annotation_fields}
         files = {f: self.root / values[f] for f in kind.file_fields}
         for f, path in files.items():
             values[f] = self._read_file(path, f"{where}.{f}'")
         try:
-            targets = kind.annotation_targets(values, task.num_classes, stored, self.ignore_index)
+            out.update(kind.annotation_targets(values, task.num_classes, stored, self.ignore_index))
         except ValueError as err:
             named = "".join(f" ({f} {path})" for f, path in files.items())
             raise ManifestError(f"{where}{named}: {err}") from err
-        out.update(kind.resize_targets(targets, stored, size))
         return out
 
     @staticmethod
@@ -127,10 +155,7 @@ class ImageCentricDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
-        image, stored = self.builder.image(record)
-        size = (image.shape[1], image.shape[2])
-        targets = {name: self.builder.target(record, name, stored, size) for name in self.builder.tasks}
+        image, targets = self.builder.case(self.records[i], list(self.builder.tasks))
         return {"image": image, "tasks": targets}
 
 
@@ -147,9 +172,8 @@ class ManifestTaskDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
-        image, stored = self.builder.image(record)
-        case = self.builder.target(record, self.task, stored, (image.shape[1], image.shape[2]))
+        image, targets = self.builder.case(self.records[i], [self.task])
+        case = targets[self.task]
         del case["present"]
         return {"image": image, **case}
 

@@ -18,6 +18,8 @@ from umedpt.data.imax.cases import (
 )
 from umedpt.data.imax.manifest import FLAG_KEYS, ImageRecord, read_manifest
 from umedpt.data.loading import EpochShuffleSampler, ResumableDataLoader
+from umedpt.data.normalize import NormalizationSpec
+from umedpt.data.transforms import ResizeMode, TransformSpec
 from umedpt.device import batch_to_device
 from umedpt.tasks import Task
 
@@ -42,6 +44,13 @@ class ImageCentricDataModule(MultiTaskDataModule):
         channels: 3 or 1 image channels.
         mean: intensity mean subtracted after scaling to [0, 1].
         std: intensity standard deviation divided by.
+        normalize: how stored values are scaled to [0, 1], as for the file readers (``unit``,
+            the default: integers by their type's range, floats as in [0, 1]; ``auto``: 8-bit
+            by its range, DICOM by its window, others by percentiles).
+        transform: augmentation of the training images, a preset (``xray``, ``histology``, ...)
+            or a list of albumentations specs (:mod:`umedpt.data.transforms`); every task's mask
+            and boxes of an image move with it.
+        resize: ``stretch`` (to a square) or ``letterbox`` (keep the aspect ratio, pad).
         ignore_index: mask value of unlabelled pixels (segmentation heads ignore it; default 255).
         num_workers: DataLoader worker processes.
         eval_batch_size: batch size of validation/test/predict loaders (``None``: ``batch_size``).
@@ -60,6 +69,9 @@ class ImageCentricDataModule(MultiTaskDataModule):
         std: float = 0.25,
         ignore_index: int = 255,
         num_workers: int = 0,
+        normalize: NormalizationSpec = "unit",
+        transform: TransformSpec = "none",
+        resize: ResizeMode = "stretch",
         eval_batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -81,7 +93,12 @@ class ImageCentricDataModule(MultiTaskDataModule):
             "mean": mean,
             "std": std,
             "ignore_index": ignore_index,
+            "normalize": normalize,
+            "resize": resize,
         }
+        self.transform = transform
+        # a bad normalisation or augmentation spec fails here, not in a DataLoader worker
+        _ = CaseBuilder(self.manifest.parent, {}, transform=transform, train=True, **self.preprocessing).pipeline
         self.records: list[ImageRecord] | None = None
         self.image_dataset: ImageCentricDataset | None = None
         # what a later step (pseudo-labelling) needs to load images the same way
@@ -89,10 +106,14 @@ class ImageCentricDataModule(MultiTaskDataModule):
 
     @property
     def builder(self) -> CaseBuilder:
-        """Loads images and targets of the current task list the configured way."""
-        tasks = {t.name: t for t in self.tasks}
-        return CaseBuilder(self.manifest.parent, tasks, **self.preprocessing, source=str(self.manifest))
+        """Loads images and targets of the current task list the configured way, without augmentation."""
+        return self.builder_for("val")
 
+    def builder_for(self, split: str) -> CaseBuilder:
+        """The case builder of ``split``: the training split draws the augmentations of ``transform``."""
+        tasks = {t.name: t for t in self.tasks}
+        return CaseBuilder(self.manifest.parent, tasks, **self.preprocessing, source=str(self.manifest),
+                           transform=self.transform, train=split == "train")
     def load_records(self) -> list[ImageRecord]:
         """The manifest's records, read and validated against the tasks once."""
         if self.records is None:
@@ -106,7 +127,7 @@ class ImageCentricDataModule(MultiTaskDataModule):
             records = [
                 r for r in records if task.name in r.annotations and not r.annotations[task.name].pseudo
             ]
-        dataset = ManifestTaskDataset(records, task.name, self.builder)
+        dataset = ManifestTaskDataset(records, task.name, self.builder_for(split))
         if len(dataset) == 0:
             raise ValueError(
                 f"task {task.name!r}: manifest {self.manifest} has no {split} image annotated for it"
@@ -127,7 +148,7 @@ class ImageCentricDataModule(MultiTaskDataModule):
                     f"manifest {self.manifest}: {len(records)} annotated train images, fewer than "
                     f"batch_size={self.batch_size}"
                 )
-            self.image_dataset = ImageCentricDataset(records, self.builder)
+            self.image_dataset = ImageCentricDataset(records, self.builder_for("train"))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move tensors to ``device`` keeping shared tensors shared; ``present``/``pseudo`` stay on the CPU.

@@ -10,8 +10,8 @@ and :meth:`FileDataset.read_mask`. Everything else is shared:
 * :meth:`FileDataset.sample_problems`: checks on decoded pixels (non-finite values, mask size and
   values, boxes inside the real image);
 * :meth:`FileDataset.__getitem__`: read at full depth, check, normalise to [0, 1], resize and
-  augment (:class:`~umedpt.data.transforms.CaseTransform`), standardise, and return the case dict
-  the heads consume;
+  augment, standardise (:class:`~umedpt.data.case.CasePipeline`, the one path every source of
+  cases takes), and return the case dict the heads consume;
 * :meth:`FileDataset.inspect`: what the data checker needs per sample (problems, size, type, hash).
 """
 
@@ -24,15 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from umedpt.data.normalize import Normalization, NormalizationSpec
+from umedpt.data.case import CasePipeline
+from umedpt.data.normalize import NormalizationSpec
 from umedpt.data.problems import DataError, Problem, errors_only
 from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, read_image
-from umedpt.data.transforms import MASK_FILL, CaseTransform, ResizeMode, TransformSpec
+from umedpt.data.transforms import ResizeMode, TransformSpec
 from umedpt.kinds import BUILTIN_KINDS, SSL_KINDS, get_kind
 from umedpt.kinds.builtin import BOX_TOLERANCE
 
@@ -180,14 +179,12 @@ class FileDataset(Dataset):
         self.channels = channels
         self.image_size = image_size
         self.ignore_index = ignore_index
-        self.normalization = Normalization.from_spec(normalize)
-        boxes = "boxes" in self.task_kind.target_keys
-        #: pipeline per channel count of the stored image: grey images are augmented as grey
-        #: (no colour jitter) and repeated to ``channels`` afterwards, which is also cheaper
-        self.transforms = {
-            c: CaseTransform(transform, image_size, train=split == "train", boxes=boxes, resize=resize, channels=c)
-            for c in (1, 3)
-        }
+        #: stored pixels -> case: scale, channels, resize + augment with the targets, standardise
+        self.pipeline = CasePipeline(
+            normalize, channels, image_size, transform, resize, train=split == "train",
+            boxes="boxes" in self.task_kind.target_keys, ignore_index=ignore_index,
+        )
+        self.normalization = self.pipeline.normalization
         self.items: list[Item] = []
         #: problems of the whole split found while listing it (e.g. unused manifest rows)
         self.notes: list[Problem] = []
@@ -349,39 +346,15 @@ class FileDataset(Dataset):
         i = int(i)
         sample = self.raw(i)
         item = self.items[i]
-        image = self._to_channels(self.normalization.to_unit(sample.image, sample.meta))
-        transform = self.transforms[image.shape[-1]]
-        mask = None
-        if sample.mask is not None:
-            mask = np.where(sample.mask == self.ignore_index, MASK_FILL, sample.mask).astype(np.uint16)
-        boxes = None
-        if "boxes" in self.task_kind.target_keys:
-            h, w = image.shape[:2]
-            boxes = np.clip(item.boxes, 0, [w, h, w, h]).astype(np.float32)
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if transform.random else None
-        out = transform(image, mask, boxes, item.box_labels, seed=seed)
-        image = out["image"]
-        if image.shape[-1] != self.channels:
-            image = np.repeat(image, self.channels, axis=-1)
-        image = self.normalization.standardize(image)
+        masks = {"mask": sample.mask} if sample.mask is not None else None
+        boxes = {"boxes": (item.boxes, item.box_labels)} if "boxes" in self.task_kind.target_keys else None
+        case = self.pipeline(sample.image, sample.meta, masks, boxes)
         targets: dict[str, Any] = {"label": item.label}
-        if out.get("mask") is not None:
-            m = out["mask"].astype(np.int64)
-            targets["mask"] = np.where(m == MASK_FILL, self.ignore_index, m)
-        if out.get("boxes") is not None:
-            targets.update(boxes=out["boxes"], box_labels=out["box_labels"])
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return {"image": image, **self.task_kind.case_targets(**targets)}
-
-    def _to_channels(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 1) or (H, W, 3): alpha dropped, colour turned to luminance for 1-channel tasks."""
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.shape[-1] == 4:
-            image = image[..., :3]
-        if self.channels == 1 and image.shape[-1] == 3:
-            return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
-        return image
+        if masks is not None:
+            targets["mask"] = case.masks["mask"]
+        if boxes is not None:
+            targets["boxes"], targets["box_labels"] = case.boxes["boxes"]
+        return {"image": case.image, **self.task_kind.case_targets(**targets)}
 
     # ---------------------------------------------------------------- validation
     def entry_problems(self, i: int) -> list[Problem]:

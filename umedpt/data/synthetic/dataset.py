@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from umedpt.data.normalize import Normalization
+from umedpt.data.case import CasePipeline
 from umedpt.data.synthetic.labels import (
     LABEL_FAMILIES,
     MAX_SIZE,
@@ -25,7 +23,6 @@ from umedpt.data.synthetic.render import render_scene
 from umedpt.kinds import get_kind
 
 #: the images' standardisation, ``(x - 0.5) / 0.25``, as the file readers' default
-_STANDARD = Normalization()
 
 #: scenes kept by datasets built with ``cache=True``, keyed by ``(style, seed, index, size)``
 _SCENE_CACHE: dict[tuple[str, int, int, int], Scene] = {}
@@ -80,6 +77,8 @@ class SyntheticTaskDataset(Dataset):
         self.cache = bool(cache)
         self.kind = LABEL_FAMILIES[family]
         self.task_kind = get_kind(self.kind)
+        #: the case path of every reader: unit-range scenes standardised (no resize, no augmentation)
+        self.pipeline = CasePipeline("unit", channels, image_size=None, boxes="boxes" in self.task_kind.target_keys)
         self.class_names = class_names(style, family)
         self.num_classes = len(self.class_names)
 
@@ -102,11 +101,15 @@ class SyntheticTaskDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         """The case dict of item ``i`` (see the class docstring)."""
         scene = self.scene(i)
-        image = scene.image
-        if self.channels == 1:
-            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
-        image = torch.from_numpy(np.ascontiguousarray(_STANDARD.standardize(image).transpose(2, 0, 1)))
+        # rendered at the training size in [0, 1]: the readers' path without a resize
+        keys = self.task_kind.target_keys
+        masks = {"mask": scene.mask} if "mask" in keys else None
+        boxes = {"boxes": (scene.boxes, scene.box_labels)} if "boxes" in keys else None
+        case = self.pipeline(scene.image, masks=masks, boxes=boxes)
         targets = self.task_kind.case_targets(
-            label=scene.labels.get(self.family), mask=scene.mask, boxes=scene.boxes, box_labels=scene.box_labels
+            label=scene.labels.get(self.family),
+            mask=case.masks.get("mask"),
+            boxes=case.boxes["boxes"][0] if boxes else None,
+            box_labels=case.boxes["boxes"][1] if boxes else None,
         )
-        return {"image": image, **targets}
+        return {"image": case.image, **targets}
