@@ -43,31 +43,16 @@ def fitted(connector: str, seed: int, root: Path) -> Any:
     ])  # fmt: skip
 
 
-def task_batches(cli: Any, count: int) -> dict[str, list[dict[str, Any]]]:
-    """``count`` training batches per image task, in the loader's order (text-only tasks do not
-    reach the connector)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(20):  # epochs of the loader until every image task has its batches
-        for batch in cli.datamodule.train_dataloader():
-            if batch["image"] is not None and len(out.setdefault(batch["task"], [])) < count:
-                out[batch["task"]].append(batch)
-        if out and all(len(b) == count for b in out.values()):
-            break
-    return {t: b for t, b in sorted(out.items()) if len(b) == count}
-
-
 def measure(cli: Any, count: int) -> dict[str, Any]:
-    from umedpt.diagnostics import diagnose, task_gradients
+    """The diagnostics of the fitted connector on ``count`` training batches per image task
+    (what ``umedpt diagnose`` computes for an MLLM checkpoint), plus summary numbers."""
+    from umedpt.diagnostic_callbacks import measure as measure_model
 
-    model = cli.model.eval()
-    batches = task_batches(cli, count)
-    params = [p for p in model.connector.parameters() if p.requires_grad]
-    grads = task_gradients(lambda task, batch: model.loss(batch)[0], batches, params, num_batches=count)
-    result = diagnose(grads)
+    batches = cli.datamodule.task_batches(count)
+    result = measure_model(cli.model, {}, count, "connector", sketch_dim=None, batches=batches)
     n = len(result["tasks"])
     off = [result["gd"][i][j] for i in range(n) for j in range(n) if i != j]
     result.update(
-        num_parameters=sum(p.numel() for p in params),
         gd_offdiagonal_mean=statistics.fmean(off),
         gd_negative_share=sum(v < 0 for v in off) / len(off),
         tug_of_war_mean=statistics.fmean(result["tug_of_war"]),

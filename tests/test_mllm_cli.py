@@ -75,3 +75,41 @@ def test_fit_predict_and_evaluate(tiny_config):
     report = json.loads((predictions.parent / "metrics.json").read_text())
     assert {row["task"] for row in report["rows"]} == {r["task"] for r in records}
     assert (predictions.parent / "metrics.md").is_file()
+
+
+def test_diagnose_measures_the_connector_of_an_mllm_checkpoint(tiny_config):
+    """``umedpt diagnose`` on an MLLM checkpoint compares the image tasks' gradients of the
+    connector: its GD and GM equal an independent computation on the checkpoint's weights."""
+    import torch
+
+    from umedpt.diagnostics import interference
+    from umedpt.mllm import InstructionDataModule, MLLMModule
+
+    configs = ["-c", str(CONFIG), "-c", tiny_config]
+    fit = main(["fit", *configs])
+    checkpoint = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    out = Path(tiny_config).parent / "diagnostics"
+    assert main(["diagnose", "--ckpt_path", str(checkpoint), "--num_batches", "2", "--output", str(out)]) == 0
+    report = json.loads((out / "diagnostics.json").read_text())["checkpoints"][0]
+    assert report["parameters"] == "connector" and report["step"] == 8
+    assert {"interference.png", "fisher_phases.png", "diagnostics.md"} <= {p.name for p in out.iterdir()}
+
+    model = MLLMModule.load_from_checkpoint(checkpoint).eval()
+    state = torch.load(checkpoint, weights_only=True)
+    data = InstructionDataModule(**{k: v for k, v in state["datamodule_hyper_parameters"].items() if not k.startswith("_")})
+    data.setup("fit")
+    batches = data.task_batches(2)
+    assert sorted(batches) == report["tasks"] and len(batches) >= 2
+    params = [p for p in model.connector.parameters() if p.requires_grad]
+    grads = {}
+    for task, task_batches in batches.items():
+        grads[task] = []
+        for batch in task_batches:
+            loss = model.loss(batch)[0]
+            found = torch.autograd.grad(loss, params, allow_unused=True)  # experts a task's router leaves out
+            grads[task].append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, found, strict=True)]))
+    expected = interference(grads)
+    torch.testing.assert_close(torch.tensor(report["gd"]), torch.as_tensor(expected["gd"]).float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(report["gm"]), torch.as_tensor(expected["gm"]).float(), rtol=1e-4, atol=1e-5)
+    off_diagonal = [report["gd"][i][j] for i in range(len(batches)) for j in range(len(batches)) if i != j]
+    assert any(abs(v) > 1e-3 for v in off_diagonal)  # the tasks' connector gradients are not independent

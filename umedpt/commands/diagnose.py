@@ -11,7 +11,11 @@ checkpoint)::
     umedpt diagnose --ckpt_path 'runs/quick/lightning_logs/version_0/checkpoints/*.ckpt'
     umedpt diagnose -c configs/umedpt.yaml -c configs/quick.yaml --ckpt_path last.ckpt --num_batches 16
 
-Without ``-c`` the tasks and their data come from the run's saved ``config.yaml``.
+Without ``-c`` the tasks and their data come from the run's saved ``config.yaml``. A checkpoint
+of the MLLM stage (:class:`~umedpt.mllm.MLLMModule`) is measured at its connector by default, on
+training batches of each image task from the data module the checkpoint was trained with::
+
+    umedpt diagnose --ckpt_path 'runs/mllm/lightning_logs/version_0/checkpoints/*.ckpt'
 """
 
 from __future__ import annotations
@@ -57,11 +61,47 @@ def _run_config(checkpoint: Path) -> list[str]:
     return [str(saved)] if checkpoint.resolve().parent.name == "checkpoints" and saved.is_file() else []
 
 
+def _is_mllm(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of the MLLM stage (its hyper-parameters name a connector)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = state.get("hyper_parameters", {}) if isinstance(state, dict) else {}
+    return "connector" in hparams and "llm" in hparams
+
+
+def _mllm(
+    path: Path, device: str, num_batches: int, batches: dict[str, list[Any]] | None, tasks: list[str] | None
+) -> tuple[Any, dict[str, list[Any]]]:
+    """The MLLM of checkpoint ``path`` (eval mode) and ``num_batches`` training batches of each of its
+    image tasks (drawn once, from the data module the checkpoint was trained with, and reused)."""
+    from umedpt.mllm import InstructionDataModule, MLLMModule
+
+    model = MLLMModule.load_from_checkpoint(path, map_location=device).eval()
+    if batches is None:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # the data module's own arguments (LightningCLI adds "_class_path" and "_instantiator")
+        saved = dict(state.get("datamodule_hyper_parameters") or {})
+        data = InstructionDataModule(**{k: v for k, v in saved.items() if not k.startswith("_")})
+        data.prepare_data()
+        data.setup("fit")
+        batches = data.task_batches(num_batches)
+        if tasks:
+            unknown = sorted(set(tasks) - set(batches))
+            if unknown:
+                raise ValueError(f"--tasks {unknown}: no image task of the MLLM's data of that name ({sorted(batches)})")
+            batches = {t: batches[t] for t in tasks}
+        if len(batches) < 2:
+            raise ValueError(f"{path}: {len(batches)} image task(s) with {num_batches} training batches; "
+                             "the diagnostics compare two or more")  # fmt: skip
+        print(f"umedpt diagnose: MLLM connector, {len(batches)} image tasks, {num_batches} train batches each",
+              file=sys.stderr)  # fmt: skip
+    return model, batches
+
+
 def run(
     ckpt_path: list[str],
     config: list[str] | None = None,
     num_batches: int = 8,
-    parameters: str = "encoder",
+    parameters: str = "auto",
     sketch_dim: int | Literal["auto"] | None = "auto",
     split: str = "train",
     tasks: list[str] | None = None,
@@ -76,7 +116,9 @@ def run(
         config: training YAML configs whose tasks give the data (default: the ``config.yaml``
             that the CLI saved in the checkpoint's run directory, else the checkpoint's tasks).
         num_batches: batches per task.
-        parameters: sub-module whose gradients are compared (``encoder``, ``heads.<task>``...).
+        parameters: sub-module whose gradients are compared (``encoder``, ``heads.<task>``,
+            ``connector``...); ``auto``: the encoder of a pretraining checkpoint, the connector
+            of an MLLM one.
         sketch_dim: keep gradients as count sketches of this length; ``auto``: only when the
             full gradients would exceed 2 GiB (then 65536); ``null``: never.
         split: the data split the batches come from.
@@ -90,6 +132,15 @@ def run(
     report: dict[str, Any] = {"checkpoints": []}
     datasets = batches = None
     for path, step in checkpoints:
+        if _is_mllm(path):
+            model, batches = _mllm(path, device, num_batches, batches, tasks)
+            result = measure(model, {}, num_batches, "connector" if parameters == "auto" else parameters, sketch_dim,
+                             batches=batches)  # fmt: skip
+            result.update(checkpoint=str(path), step=step, label=f"step {step}")
+            report["checkpoints"].append(result)
+            print(f"umedpt diagnose: {path.name} (step {step}) done", file=sys.stderr)
+            continue
+        parameters = "encoder" if parameters == "auto" else parameters
         model, data_hparams = load_model(path, map_location=device)
         if datasets is None:
             config = config or _run_config(path)

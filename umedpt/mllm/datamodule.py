@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import LightningDataModule
@@ -147,6 +148,21 @@ class InstructionDataModule(LightningDataModule):
             persistent_workers=train and workers > 0,
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
+
+    def task_batches(self, count: int, max_epochs: int = 20) -> dict[str, list[dict[str, Any]]]:
+        """``count`` training batches of every task with images, in the training loader's order
+        (text-only tasks do not reach the connector): the batches whose connector gradients the
+        diagnostics compare. Tasks that do not reach ``count`` within ``max_epochs`` are left out."""
+        if count < 1:
+            raise ValueError(f"task_batches: count must be >= 1, got {count}")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(max_epochs):
+            for batch in self.train_dataloader():
+                if batch["image"] is not None and len(out.setdefault(batch["task"], [])) < count:
+                    out[batch["task"]].append(batch)
+            if out and all(len(b) == count for b in out.values()):
+                break
+        return {t: b for t, b in sorted(out.items()) if len(b) == count}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -245,6 +245,13 @@ class MLLMModule(LightningModule):
         image_embeds, weights = self._embed_batch(batch)
         return self.llm(**self.build_inputs(batch, image_embeds, answers=True)).loss, weights
 
+    def task_loss(self, task: str, batch: dict[str, Any]) -> Tensor:
+        """The language-model loss of a batch of task ``task`` (every batch holds one task): the
+        per-task loss that :func:`umedpt.diagnostic_callbacks.measure` differentiates."""
+        if batch["task"] != task:
+            raise ValueError(f"task_loss: the batch is of task {batch['task']!r}, not {task!r}")
+        return self.loss(batch)[0]
+
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> tuple[list[str], Tensor | None]:
         """Greedy answers of a batch, and the routing weights ``(B, L, N)`` of its images."""
