@@ -138,8 +138,32 @@ def test_no_batchnorm_anywhere_in_shared_encoder_or_heads(tasks):
 def test_module_rejects_encoder_with_batchnorm(tasks):
     encoder = SwinEncoder(**TINY_ENCODER)
     encoder.model.extra = nn.BatchNorm2d(4)
-    with pytest.raises(ValueError, match="BatchNorm"):
+    with pytest.raises(ValueError, match=r"BatchNorm layers \[.model.extra.\]: .* a mixture of the tasks rather than any one"):
         MultiTaskModule(tasks=tasks, encoder=encoder)
+
+
+def test_batchnorm_swin_exists_only_behind_the_ablation_s_escape_hatch(tasks):
+    from umedpt.encoder import TokenBatchNorm
+
+    with pytest.raises(ValueError, match=r"norm='batchnorm' is refused: .*docs/normalization.md"):
+        SwinEncoder(**TINY_ENCODER, norm="batchnorm")
+    plain = SwinEncoder(**TINY_ENCODER)
+    assert "norm" not in plain.config  # ordinary encoders and their exports are unchanged
+    encoder = SwinEncoder(**TINY_ENCODER, norm="batchnorm", allow_batchnorm=True)
+    assert not [m for m in encoder.modules() if isinstance(m, nn.LayerNorm)]
+    norms = [m for m in encoder.modules() if isinstance(m, TokenBatchNorm)]
+    assert len(norms) == len([m for m in plain.modules() if isinstance(m, nn.LayerNorm)])
+    assert encoder.config["norm"] == "batchnorm"
+    model = MultiTaskModule(tasks=tasks, encoder=encoder)  # accepted: the encoder says it is the ablation's
+    # BatchNorm over the token channels: every token of the batch is one sample of its statistics
+    channels = norms[0].num_features
+    x = torch.randn(2, 3, 4, channels) * 3 + 1
+    norms[0].train()
+    out = norms[0](x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out.reshape(-1, channels).mean(0), torch.zeros(channels), atol=1e-5, rtol=0)
+    assert [tuple(f.shape[1:]) for f in model.encoder(torch.zeros(2, 3, 64, 64))] == [
+        tuple(f.shape[1:]) for f in plain(torch.zeros(2, 3, 64, 64))]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import timm
 from torch import Tensor, nn
@@ -13,6 +13,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 def find_batchnorm(module: nn.Module) -> list[str]:
     """Names of all BatchNorm modules inside ``module`` (empty when there is none)."""
     return [name for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+
+
+#: why the shared encoder refuses BatchNorm (said by every refusal)
+BATCHNORM_REFUSED = (
+    "the shared encoder sees one task's batch per step, from a different dataset each time, so "
+    "BatchNorm's running statistics describe a mixture of the tasks rather than any one of them "
+    "(benchmarks/norm_ablation.py: 0.07-0.09 AUROC below each task's own statistics; see "
+    "docs/normalization.md); use LayerNorm-type norms (LayerNorm, GroupNorm)"
+)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channels of channels-last tokens ``(..., C)`` (Swin's ``(B, H, W, C)``),
+    statistics over every token of the batch. Only for the normalisation ablation
+    (``SwinEncoder(norm="batchnorm", allow_batchnorm=True)``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 class SwinEncoder(nn.Module):
@@ -30,6 +48,11 @@ class SwinEncoder(nn.Module):
             nothing is downloaded in tests or defaults.
         model_kwargs: extra keyword arguments for ``timm.create_model`` (``embed_dim``,
             ``depths``, ``num_heads``, ``window_size``, ``drop_path_rate`` ...).
+        norm: ``layernorm`` (Swin's own, the only choice for pretraining) or ``batchnorm``
+            (:class:`TokenBatchNorm` in every norm of the model), which needs ``allow_batchnorm``.
+        allow_batchnorm: the escape hatch of the normalisation ablation
+            (``benchmarks/norm_ablation.py``): BatchNorm is otherwise refused, here and by
+            :class:`~umedpt.MultiTaskModule`, for the reason in :data:`BATCHNORM_REFUSED`.
 
     Example:
         >>> enc = SwinEncoder(model_kwargs=dict(embed_dim=32, depths=(1, 1, 1, 1),
@@ -47,8 +70,15 @@ class SwinEncoder(nn.Module):
         img_size: int = 224,
         pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        norm: Literal["layernorm", "batchnorm"] = "layernorm",
+        allow_batchnorm: bool = False,
     ) -> None:
         super().__init__()
+        if norm not in ("layernorm", "batchnorm"):
+            raise ValueError(f"SwinEncoder: norm must be 'layernorm' or 'batchnorm', got {norm!r}")
+        if norm == "batchnorm" and not allow_batchnorm:
+            raise ValueError(f"SwinEncoder: norm='batchnorm' is refused: {BATCHNORM_REFUSED} "
+                             "(allow_batchnorm=True exists for the ablation only)")  # fmt: skip
         if not name.startswith("swin"):
             raise ValueError(f"SwinEncoder: name must be a timm Swin model ('swin*'), got {name!r}")
         if in_chans not in (1, 3):
@@ -59,6 +89,10 @@ class SwinEncoder(nn.Module):
             "img_size": img_size,
             "model_kwargs": dict(model_kwargs or {}),
         }
+        if norm != "layernorm":  # kept out of the config of every ordinary encoder (exports unchanged)
+            self.config.update(norm=norm, allow_batchnorm=allow_batchnorm)
+        self.allow_batchnorm = allow_batchnorm
+        extra = {"norm_layer": TokenBatchNorm} if norm == "batchnorm" else {}
         self.model = timm.create_model(
             name,
             pretrained=pretrained,
@@ -67,12 +101,11 @@ class SwinEncoder(nn.Module):
             img_size=img_size,
             strict_img_size=False,
             **self.config["model_kwargs"],
+            **extra,
         )
         bn = find_batchnorm(self.model)
-        if bn:
-            raise ValueError(
-                f"SwinEncoder: {name} contains BatchNorm layers {bn[:3]}; use LayerNorm variants"
-            )
+        if bn and not allow_batchnorm:
+            raise ValueError(f"SwinEncoder: {name} contains BatchNorm layers {bn[:3]}: {BATCHNORM_REFUSED}")
         info = self.model.feature_info
         self.out_channels: list[int] = [f["num_chs"] for f in info]
         self.reductions: list[int] = [f["reduction"] for f in info]

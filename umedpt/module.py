@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from umedpt.data.loading import task_subset
 from umedpt.device import batch_to_device, flush_denormal
-from umedpt.encoder import SwinEncoder, find_batchnorm
+from umedpt.encoder import BATCHNORM_REFUSED, SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
 from umedpt.kinds import get_kind
 from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator, warmup_cosine, warmup_length
@@ -138,8 +138,8 @@ class MultiTaskModule(LightningModule):
             encoder = SwinEncoder(**encoder)
         self.encoder = encoder if encoder is not None else SwinEncoder()
         bn = find_batchnorm(self.encoder)
-        if bn:
-            raise ValueError(f"MultiTaskModule: the shared encoder contains BatchNorm layers {bn[:3]}")
+        if bn and not getattr(self.encoder, "allow_batchnorm", False):  # the ablation's escape hatch
+            raise ValueError(f"MultiTaskModule: the shared encoder contains BatchNorm layers {bn[:3]}: {BATCHNORM_REFUSED}")
         self.tasks: dict[str, Task] = {t.name: t for t in task_list}
         head_defaults = dict(head_defaults or {})
         for kind in head_defaults:
