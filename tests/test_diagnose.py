@@ -96,7 +96,7 @@ def test_diagnose_command_writes_the_report_of_checkpoints(fitted, tmp_path, cap
     assert {p.name for p in out.iterdir()} == {"diagnostics.json", "diagnostics.md", "interference.png", "fisher_phases.png"}
     assert "| 6 | ct_seg |" in capsys.readouterr().out
     sketched = tmp_path / "sketched"
-    assert main([*args, "--sketch_dim", "4096", "--output", str(sketched), "--tasks", "[xr_grade, ct_seg]"]) == 0
+    assert main([*args, "--sketch_dim", "4096", "--output", str(sketched), "--tasks", "xr_grade", "ct_seg"]) == 0
     small = json.loads((sketched / "diagnostics.json").read_text())["checkpoints"][0]
     assert small["sketch_dim"] == 4096 and small["tasks"] == ["xr_grade", "ct_seg"]
     # without -c: the config.yaml the CLI saves in the checkpoint's run directory

@@ -198,9 +198,15 @@ def main(args: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="umedpt diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", action="append", help="training YAML config (repeatable)")
     parser.add_argument("--ckpt_path", nargs="+", required=True, help="checkpoint files or quoted globs, one per phase")
-    parser.add_function_arguments(run, as_group=False, skip={"config", "ckpt_path"})
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all of the model's)")
+    parser.add_function_arguments(run, as_group=False, skip={"config", "ckpt_path", "tasks"})
     cfg = parser.parse_args(list(args) if args is not None else sys.argv[1:])
     values = {k: v for k, v in cfg.as_dict().items() if k != "__path__"}
+    if values.get("tasks") and len(values["tasks"]) == 1 and values["tasks"][0].startswith("["):
+        import yaml
+
+        values["tasks"] = [str(t) for t in yaml.safe_load(values["tasks"][0])]  # the list form '[a, b]'
+
     try:
         report = run(**values)
     except (FileNotFoundError, ValueError) as err:
