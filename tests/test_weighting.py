@@ -111,3 +111,66 @@ def test_the_coordination_state_travels_in_checkpoints(tasks):
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.coordination.averages == model.coordination.averages
     assert resumed.coordination.weights(["a", "b"]) == model.coordination.weights(["a", "b"]) != {"a": 1.0, "b": 1.0}
+
+
+def test_dynamic_weight_average_follows_the_formula_on_window_means():
+    from umedpt.weighting import DynamicWeightAverage
+
+    dwa = DynamicWeightAverage(temperature=2.0, window=2)
+    assert dwa.weights(["a", "b"]) == {"a": 1.0, "b": 1.0}  # no two windows yet
+    for a, b in ((1.0, 1.0), (1.0, 1.0), (0.5, 1.2), (0.5, 1.2)):
+        dwa.update({"a": a, "b": b})
+    assert dwa.rates() == pytest.approx({"a": 0.5, "b": 1.2})
+    ea, eb = math.exp(0.5 / 2), math.exp(1.2 / 2)
+    weights = dwa.weights(["a", "b", "c"])
+    # the slowly falling task gets more weight; the K known weights average 1; unknown tasks weigh 1
+    assert weights == pytest.approx({"a": 2 * ea / (ea + eb), "b": 2 * eb / (ea + eb), "c": 1.0})
+    assert dwa.weights(["b"]) == pytest.approx({"b": 2 * eb / (ea + eb)})  # a step of one task: the same weight
+    other = DynamicWeightAverage(temperature=2.0, window=2)
+    other.load_state_dict(dwa.state_dict())
+    assert other.weights(["a", "b"]) == {"a": weights["a"], "b": weights["b"]}
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        DynamicWeightAverage(window=0)
+
+
+def test_uncertainty_weights_learn_the_inverse_loss_within_their_bounds():
+    from umedpt.weighting import UncertaintyWeighting
+
+    weighting = UncertaintyWeighting(lr=0.05)
+    for _ in range(2000):
+        weighting.update({"hard": 2.0, "easy": 0.25, "bad": float("nan")})
+    weights = weighting.weights(["hard", "easy", "bad"])
+    # equilibrium of exp(-s) L + s: exp(-s) = 1 / L
+    assert weights["hard"] == pytest.approx(0.5, abs=1e-3) and weights["easy"] == pytest.approx(4.0, rel=1e-3)
+    assert weights["bad"] == 1.0  # non-finite losses are not taken
+    capped = UncertaintyWeighting(lr=0.5, max_weight=3.0)
+    for _ in range(200):
+        capped.update({"easy": 0.01})
+    assert capped.weights(["easy"])["easy"] == pytest.approx(3.0)
+
+
+def test_a_loss_weighting_by_name_weighs_the_step_and_travels_in_checkpoints(tasks, batch):
+    from tests.test_module import make_module
+
+    model = make_module(tasks, loss_weighting={"class_path": "uncertainty", "init_args": {"lr": 0.2}})
+    reference = make_module(tasks)
+    names = model.task_names
+    for _ in range(5):
+        model.coordination.update({n: 0.5 + i for i, n in enumerate(names)})
+    weights = model.coordination.weights(names)
+    assert len(set(weights.values())) == len(names)  # different losses, different weights
+    model.accumulate(batch)
+    assert model.last_weights == weights
+    sum(weights[n] * reference.task_loss(n, batch[n]) for n in names).backward()
+    for p, q in zip(model.encoder.parameters(), reference.encoder.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    resumed = make_module(tasks, loss_weighting={"class_path": "uncertainty", "init_args": {"lr": 0.2}})
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.coordination.weights(names) == weights
+    assert type(make_module(tasks, loss_weighting="dwa").coordination).__name__ == "DynamicWeightAverage"
+    with pytest.raises(ValueError, match="coordination and loss_weighting both"):
+        make_module(tasks, loss_weighting="dwa", coordination={"alpha": 1.0})
+    with pytest.raises(ValueError, match=r"cannot import 'nowhere.Famo'.*\['dwa', 'uncertainty'\]"):
+        make_module(tasks, loss_weighting="nowhere.Famo")

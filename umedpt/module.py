@@ -23,7 +23,7 @@ from umedpt.optim import SUM, TaskwiseAdamW, build_aggregator, warmup_cosine, wa
 from umedpt.randomness import RNG_KEY, restore_rng_states, rng_states
 from umedpt.reporting import metrics_by_task
 from umedpt.tasks import Task, as_task, check_unique
-from umedpt.weighting import COORDINATION_KEY, GradientCoordination
+from umedpt.weighting import COORDINATION_KEY, GradientCoordination, build_loss_weighting
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,6 +84,11 @@ class MultiTaskModule(LightningModule):
             share of each step until the others catch up. The weight multiplies the task's
             gradient, or with ``moments: per_task`` its AdamW direction. Logged as
             ``train/<task>/weight``; the state is checkpointed.
+        loss_weighting: a loss weighting of :mod:`umedpt.weighting` by name (``uncertainty``:
+            Kendall et al.'s learned log-variances; ``dwa``: Liu et al.'s dynamic weight
+            average) or class path, or ``{class_path: ..., init_args: {...}}`` (``None``: off).
+            Its weights act like ``coordination``'s (the two are exclusive); logged and
+            checkpointed the same way.
         tasks_per_step: train a random subset of this many tasks per step (``None``: all). A
             batch that holds no more tasks than this is trained whole: the CLI gives the value to
             :class:`~umedpt.data.MultiTaskDataModule`, which draws the subset and loads only those
@@ -122,6 +127,7 @@ class MultiTaskModule(LightningModule):
         moments: Literal["shared", "per_task"] = "shared",
         aggregator: str | dict[str, Any] = SUM,
         coordination: dict[str, Any] | None = None,
+        loss_weighting: str | dict[str, Any] | None = None,
         tasks_per_step: int | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         export_encoder: bool = True,
@@ -180,8 +186,13 @@ class MultiTaskModule(LightningModule):
             )
         if coordination is not None and not isinstance(coordination, dict):
             raise TypeError(f"coordination: expected the arguments of GradientCoordination (a dict), got {coordination!r}")
-        #: task weights from the tasks' recent progress (``None``: every task weighs 1)
-        self.coordination = GradientCoordination(**coordination) if coordination is not None else None
+        if coordination is not None and loss_weighting is not None:
+            raise ValueError("coordination and loss_weighting both weigh the tasks' parts of the step; use one of them")
+        #: task weights from the tasks' recent losses: GM-Coord or a loss weighting (``None``: every task weighs 1)
+        self.coordination = (
+            GradientCoordination(**coordination) if coordination is not None
+            else build_loss_weighting(loss_weighting) if loss_weighting is not None else None
+        )  # fmt: skip
         if not isinstance(aggregator, (str, dict)):  # a callable: recorded by its (class's) name
             named = aggregator if hasattr(aggregator, "__qualname__") else type(aggregator)
             aggregator = f"{named.__module__}.{named.__qualname__}"
@@ -217,6 +228,7 @@ class MultiTaskModule(LightningModule):
                 "moments": moments,
                 "aggregator": aggregator,
                 "coordination": coordination,
+                "loss_weighting": loss_weighting,
                 "tasks_per_step": tasks_per_step,
                 "nonfinite": nonfinite,
                 "export_encoder": export_encoder,

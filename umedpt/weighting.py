@@ -2,9 +2,14 @@
 
 :class:`GradientCoordination` is a gradient-guided coordination of tasks in the spirit of UMD's
 GM-Coord: the task whose loss currently falls fastest dominates the shared encoder's updates,
-so its share of each step is damped until the others catch up. Its weights need no per-task
-gradients, only the scaled losses the loop already has; they multiply each task's part of
-the step (``MultiTaskModule(coordination=...)``).
+so its share of each step is damped until the others catch up (``MultiTaskModule(coordination=...)``).
+:class:`UncertaintyWeighting` (Kendall et al., 2018) and :class:`DynamicWeightAverage` (Liu et
+al., 2019) are loss weightings (``MultiTaskModule(loss_weighting=...)``).
+
+All of them need no per-task gradients, only the scaled losses the loop already has, and share
+one interface: ``weights(tasks)`` before a step, ``update(losses)`` after it, ``state_dict`` /
+``load_state_dict`` for checkpoints. A weight multiplies the task's part of the step (its loss,
+or with AdamW moments per task its AdamW direction, which a loss weight would not change).
 """
 
 from __future__ import annotations
@@ -13,7 +18,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["COORDINATION_KEY", "GradientCoordination"]
+__all__ = [
+    "COORDINATION_KEY",
+    "LOSS_WEIGHTINGS",
+    "DynamicWeightAverage",
+    "GradientCoordination",
+    "UncertaintyWeighting",
+    "build_loss_weighting",
+]
 
 #: checkpoint entry of the coordination state (its moving averages of the task losses)
 COORDINATION_KEY = "umedpt_coordination"
@@ -101,3 +113,144 @@ class GradientCoordination:
             f"GradientCoordination(alpha={self.alpha}, fast={self.fast}, slow={self.slow}, "
             f"warmup={self.warmup}, min_weight={self.min_weight})"
         )
+
+
+class UncertaintyWeighting:
+    """Homoscedastic-uncertainty weighting (Kendall, Gal and Cipolla, 2018).
+
+    Each task has a log-variance ``s_t``; the weighted objective is ``exp(-s_t) L_t + s_t``, whose
+    derivative in ``s_t`` is ``1 - exp(-s_t) L_t``. Here ``s_t`` learns by its own gradient step of
+    size ``lr`` on that objective after each step that trained the task (from the observed scaled
+    loss, so the module's optimizer and its moments are untouched), and the task's weight is
+    ``exp(-s_t)``, clamped to ``[min_weight, max_weight]``: at equilibrium ``exp(-s_t) = 1 / L_t``,
+    so tasks whose losses are large count less.
+
+    Args:
+        lr: step size of the log-variances.
+        min_weight, max_weight: bounds of the weights.
+    """
+
+    def __init__(self, lr: float = 0.01, min_weight: float = 0.1, max_weight: float = 10.0) -> None:
+        if not lr > 0:
+            raise ValueError(f"UncertaintyWeighting: lr must be > 0, got {lr}")
+        if not 0 < min_weight <= 1.0 <= max_weight:
+            raise ValueError(f"UncertaintyWeighting: need 0 < min_weight <= 1 <= max_weight, got {min_weight}, {max_weight}")
+        self.lr, self.min_weight, self.max_weight = float(lr), float(min_weight), float(max_weight)
+        #: per task: the log-variance ``s_t`` (0 = weight 1 before the task is seen)
+        self.log_vars: dict[str, float] = {}
+
+    def weights(self, tasks: Sequence[str]) -> dict[str, float]:
+        """``exp(-s_t)`` of each of ``tasks``."""
+        return {t: min(self.max_weight, max(self.min_weight, math.exp(-self.log_vars.get(t, 0.0)))) for t in tasks}
+
+    def update(self, losses: Mapping[str, float]) -> None:
+        """One gradient step of each trained task's log-variance on ``exp(-s) L + s``."""
+        low, high = -math.log(self.max_weight), -math.log(self.min_weight)
+        for task, value in losses.items():
+            value = float(value)
+            if not math.isfinite(value):
+                continue
+            s = self.log_vars.get(task, 0.0)
+            s -= self.lr * (1.0 - math.exp(-s) * value)
+            self.log_vars[task] = min(high, max(low, s))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_vars": dict(self.log_vars)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.log_vars = {n: float(v) for n, v in state["log_vars"].items()}
+
+    def __repr__(self) -> str:
+        return f"UncertaintyWeighting(lr={self.lr}, min_weight={self.min_weight}, max_weight={self.max_weight})"
+
+
+class DynamicWeightAverage:
+    """Dynamic weight average (Liu, Johns and Davison, 2019).
+
+    A task's rate of change is the ratio of its mean loss over its last ``window`` updates to the
+    mean over the ``window`` before (below 1 while it learns); the weights are
+    ``K softmax(r / temperature)`` over the ``K`` tasks that have both windows, so a task whose
+    loss falls slowly gets more weight and the weights average 1. Tasks without two full windows
+    weigh 1. (The paper's windows are epochs; here they count the steps that trained the task,
+    since a step may train one task of many.)
+
+    Args:
+        temperature: softness of the weighting (large: all weights near 1).
+        window: updates of a task per window.
+    """
+
+    def __init__(self, temperature: float = 2.0, window: int = 50) -> None:
+        if not temperature > 0:
+            raise ValueError(f"DynamicWeightAverage: temperature must be > 0, got {temperature}")
+        if window < 1:
+            raise ValueError(f"DynamicWeightAverage: window must be >= 1, got {window}")
+        self.temperature, self.window = float(temperature), int(window)
+        #: per task: ``[sum of the current window, its count, last window's mean, the mean before]``
+        self.windows: dict[str, list[float]] = {}
+
+    def rates(self) -> dict[str, float]:
+        """Each task's ratio of its last window's mean loss to the window before."""
+        return {n: w[2] / w[3] for n, w in self.windows.items() if w[3] > 0 and math.isfinite(w[2] / w[3])}
+
+    def weights(self, tasks: Sequence[str]) -> dict[str, float]:
+        rates = self.rates()
+        if not rates:
+            return {t: 1.0 for t in tasks}
+        top = max(rates.values()) / self.temperature
+        exps = {n: math.exp(r / self.temperature - top) for n, r in rates.items()}
+        total = sum(exps.values())
+        return {t: len(exps) * exps[t] / total if t in exps else 1.0 for t in tasks}
+
+    def update(self, losses: Mapping[str, float]) -> None:
+        for task, value in losses.items():
+            value = float(value)
+            if not math.isfinite(value):
+                continue
+            w = self.windows.setdefault(task, [0.0, 0.0, 0.0, 0.0])
+            w[0] += value
+            w[1] += 1
+            if w[1] >= self.window:
+                w[3], w[2] = w[2], w[0] / w[1]
+                w[0] = w[1] = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": {n: list(v) for n, v in self.windows.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.windows = {n: [float(x) for x in v] for n, v in state["windows"].items()}
+
+    def __repr__(self) -> str:
+        return f"DynamicWeightAverage(temperature={self.temperature}, window={self.window})"
+
+
+#: the loss weightings known by a short name
+LOSS_WEIGHTINGS: dict[str, type] = {"uncertainty": UncertaintyWeighting, "dwa": DynamicWeightAverage}
+
+
+def build_loss_weighting(spec: str | Mapping[str, Any]) -> Any:
+    """A loss weighting from its spec: a short name of :data:`LOSS_WEIGHTINGS` or a class path,
+    or ``{class_path: <name or class path>, init_args: {...}}``. The class must offer
+    ``weights``, ``update``, ``state_dict`` and ``load_state_dict``."""
+    import importlib
+
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        raise ValueError(f"loss_weighting: expected a name of {sorted(LOSS_WEIGHTINGS)}, a class path or "
+                         f"{{class_path: ..., init_args: {{...}}}}, got {spec!r}")  # fmt: skip
+    path = str(spec["class_path"])
+    if path in LOSS_WEIGHTINGS:
+        cls = LOSS_WEIGHTINGS[path]
+    else:
+        module, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name) if module else None
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"loss_weighting: cannot import {path!r} ({err}); the built-in ones are {sorted(LOSS_WEIGHTINGS)}") from err
+        if cls is None:
+            raise ValueError(f"loss_weighting: unknown {path!r}; the built-in ones are {sorted(LOSS_WEIGHTINGS)}")
+    weighting = cls(**dict(spec.get("init_args") or {}))
+    missing = [m for m in ("weights", "update", "state_dict", "load_state_dict") if not callable(getattr(weighting, m, None))]
+    if missing:
+        raise TypeError(f"loss_weighting: {path!r} has no {missing}")
+    return weighting
