@@ -103,6 +103,11 @@ class CaseBuilder:
                 targets[name] = self.tasks[name].task_kind.resize_targets(target, stored, size)
         return case.image, targets
 
+    def target(self, record: ImageRecord, name: str, *_: Any) -> dict[str, Any]:
+        """Task ``name``'s target of ``record`` with its flags, as :meth:`case` gives it (the stored
+        and output sizes that earlier versions took are implied by the record and the settings)."""
+        return self.case(record, [name])[1][name]
+
     def _load(self, record: ImageRecord) -> tuple[np.ndarray, Any]:
         path = self.root / record.image
         try:
