@@ -1,10 +1,10 @@
 """The one path from a sample's stored pixels to a case: scale to [0, 1], set the channels,
 resize and augment together with every mask and box set, standardise, make tensors.
 
-Every file reader (:class:`~umedpt.data.readers.base.FileDataset`) and the IMAX manifests
-(:class:`~umedpt.data.imax.cases.CaseBuilder`) build their cases with :class:`CasePipeline`;
-the synthetic worlds render at the training size and standardise with the same
-:class:`~umedpt.data.normalize.Normalization`.
+Every file reader (:class:`~umedpt.data.readers.base.FileDataset`), the IMAX manifests
+(:class:`~umedpt.data.imax.cases.CaseBuilder`) and the synthetic worlds
+(:class:`~umedpt.data.synthetic.SyntheticTaskDataset`, rendered at the training size, so
+without a resize) build their cases with :class:`CasePipeline`.
 """
 
 from __future__ import annotations
