@@ -172,5 +172,5 @@ def test_a_loss_weighting_by_name_weighs_the_step_and_travels_in_checkpoints(tas
     assert type(make_module(tasks, loss_weighting="dwa").coordination).__name__ == "DynamicWeightAverage"
     with pytest.raises(ValueError, match="coordination and loss_weighting both"):
         make_module(tasks, loss_weighting="dwa", coordination={"alpha": 1.0})
-    with pytest.raises(ValueError, match=r"cannot import 'nowhere.Famo'.*\['dwa', 'uncertainty'\]"):
+    with pytest.raises(ValueError, match=r"loss_weighting 'nowhere.Famo': cannot import .*\['dwa', 'uncertainty'\]"):
         make_module(tasks, loss_weighting="nowhere.Famo")

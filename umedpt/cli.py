@@ -51,6 +51,7 @@ from umedpt.runs import (  # noqa: E402
     run_of_checkpoint,
     unreadable_checkpoint,
 )
+from umedpt.tasks import import_class  # noqa: E402
 
 
 class _WithoutTips(logging.Filter):
@@ -109,11 +110,6 @@ def _did_you_mean(message: str, parser: Any) -> str:
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
-def _import_class(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def _class_problem(message: str) -> str | None:
     """One line for jsonargparse's report on a ``model`` / ``data`` section that its class refuses:
     ``model (umedpt.MultiTaskModule): option 'lrr' is not accepted (did you mean --model.lr?)``."""
@@ -129,7 +125,7 @@ def _class_problem(message: str) -> str | None:
     if option:
         reason = reason.replace("Option", "option", 1)
         try:
-            accepted = list(inspect.signature(_import_class(class_path)).parameters)
+            accepted = list(inspect.signature(import_class(class_path, key)).parameters)
         except (ImportError, AttributeError, TypeError, ValueError):
             accepted = []
         close = difflib.get_close_matches(option.group(1), accepted, n=1, cutoff=0.75)
@@ -278,7 +274,7 @@ class UMedPTCLI(LightningCLI):
             raise unreadable_checkpoint(ckpt_path, err) from err
         model = config.get("model")
         if model is not None and model.get("class_path") is not None:
-            if not issubclass(_import_class(model["class_path"]), MultiTaskModule):
+            if not issubclass(import_class(model["class_path"], "model"), MultiTaskModule):
                 return  # the encoder-and-tasks comparison is MultiTaskModule's
             model = model.get("init_args")
         differences = architecture_differences(hparams, model)

@@ -231,7 +231,7 @@ def build_loss_weighting(spec: str | Mapping[str, Any]) -> Any:
     """A loss weighting from its spec: a short name of :data:`LOSS_WEIGHTINGS` or a class path,
     or ``{class_path: <name or class path>, init_args: {...}}``. The class must offer
     ``weights``, ``update``, ``state_dict`` and ``load_state_dict``."""
-    import importlib
+    from umedpt.tasks import import_class
 
     if isinstance(spec, str):
         spec = {"class_path": spec}
@@ -239,16 +239,10 @@ def build_loss_weighting(spec: str | Mapping[str, Any]) -> Any:
         raise ValueError(f"loss_weighting: expected a name of {sorted(LOSS_WEIGHTINGS)}, a class path or "
                          f"{{class_path: ..., init_args: {{...}}}}, got {spec!r}")  # fmt: skip
     path = str(spec["class_path"])
-    if path in LOSS_WEIGHTINGS:
-        cls = LOSS_WEIGHTINGS[path]
-    else:
-        module, _, name = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name) if module else None
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"loss_weighting: cannot import {path!r} ({err}); the built-in ones are {sorted(LOSS_WEIGHTINGS)}") from err
-        if cls is None:
-            raise ValueError(f"loss_weighting: unknown {path!r}; the built-in ones are {sorted(LOSS_WEIGHTINGS)}")
+    try:
+        cls = LOSS_WEIGHTINGS[path] if path in LOSS_WEIGHTINGS else import_class(path, "loss_weighting")
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"{err}; the built-in ones are {sorted(LOSS_WEIGHTINGS)}") from err
     weighting = cls(**dict(spec.get("init_args") or {}))
     missing = [m for m in ("weights", "update", "state_dict", "load_state_dict") if not callable(getattr(weighting, m, None))]
     if missing:
