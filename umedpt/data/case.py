@@ -115,19 +115,24 @@ class CasePipeline:
         unit = self.unit(image, meta)
         h, w = unit.shape[:2]
         transform = self.transforms[unit.shape[-1]]
-        stored_masks = [np.where(m == self.ignore_index, MASK_FILL, m).astype(np.uint16) for m in masks.values()]
         box_sets = [
             (np.clip(np.asarray(b, dtype=np.float32).reshape(-1, 4), 0, [w, h, w, h]).astype(np.float32),
              np.asarray(labels, dtype=np.int64).reshape(-1))
             for b, labels in boxes.values()
         ]  # fmt: skip
-        if seed is None and transform.random:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        out, out_masks, out_boxes = transform.apply(unit, stored_masks, box_sets, seed)
+        if transform.pipeline is None:  # nothing to resize or draw (e.g. scenes rendered at size)
+            out, out_boxes = unit, box_sets
+            resized = {name: np.asarray(m).astype(np.int64) for name, m in masks.items()}
+        else:
+            # "no label" travels as MASK_FILL, which is also what padding and geometric transforms bring in
+            stored_masks = [np.where(m == self.ignore_index, MASK_FILL, m).astype(np.uint16) for m in masks.values()]
+            if seed is None and transform.random:
+                seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            out, out_masks, out_boxes = transform.apply(unit, stored_masks, box_sets, seed)
+            resized = {name: np.where(m == MASK_FILL, self.ignore_index, m).astype(np.int64)
+                       for name, m in zip(masks, out_masks, strict=True)}  # fmt: skip
         if out.shape[-1] != self.channels:
             out = np.repeat(out, self.channels, axis=-1)
         out = self.normalization.standardize(out)
         tensor = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
-        resized = {name: np.where(m.astype(np.int64) == MASK_FILL, self.ignore_index, m.astype(np.int64))
-                   for name, m in zip(masks, out_masks, strict=True)}  # fmt: skip
         return Case(tensor, resized, dict(zip(boxes, out_boxes, strict=True)))

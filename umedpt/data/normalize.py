@@ -148,8 +148,10 @@ class Normalization:
                 table = 1.0 - table
             return np.take(table.astype(np.float32), image.view(codes))
         out = image.astype(np.float64 if image.dtype.itemsize > 4 or image.dtype.kind != "f" else np.float32)
-        out -= low
-        out *= scale
+        if low != 0.0:  # images already in [0, 1] (unit-range floats) only need the clip
+            out -= low
+        if scale != 1.0:
+            out *= scale
         np.clip(out, 0.0, 1.0, out=out)
         if meta.invert:
             np.subtract(1.0, out, out=out)
