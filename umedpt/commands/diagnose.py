@@ -39,9 +39,11 @@ from umedpt.tasks import as_task
 __all__ = ["main", "run"]
 
 
-def _checkpoints(patterns: Sequence[str]) -> list[tuple[Path, int]]:
-    """The checkpoint files of ``patterns`` (paths or globs) with their optimizer step, by step."""
-    found: dict[Path, int] = {}
+def _checkpoints(patterns: Sequence[str]) -> list[tuple[Path, int, bool]]:
+    """The checkpoint files of ``patterns`` (paths or globs), by step: ``(path, optimizer step,
+    whether it is of the MLLM stage)`` (its hyper-parameters name a connector and an LLM), from
+    one memory-mapped read of each file."""
+    found: dict[Path, tuple[int, bool]] = {}
     for pattern in patterns:
         paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not paths:
@@ -50,8 +52,10 @@ def _checkpoints(patterns: Sequence[str]) -> list[tuple[Path, int]]:
             if not path.is_file():
                 raise FileNotFoundError(f"--ckpt_path: checkpoint {path} does not exist")
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            found[path] = int(state.get("global_step", 0)) if isinstance(state, dict) else 0
-    return sorted(found.items(), key=lambda item: (item[1], str(item[0])))
+            state = state if isinstance(state, dict) else {}
+            hparams = state.get("hyper_parameters") or {}
+            found[path] = (int(state.get("global_step", 0)), "connector" in hparams and "llm" in hparams)
+    return sorted(((p, step, mllm) for p, (step, mllm) in found.items()), key=lambda item: (item[1], str(item[0])))
 
 
 def _run_config(checkpoint: Path) -> list[str]:
@@ -59,13 +63,6 @@ def _run_config(checkpoint: Path) -> list[str]:
     ``<run dir>/checkpoints/``, else ``[]``."""
     saved = checkpoint.resolve().parent.parent / "config.yaml"
     return [str(saved)] if checkpoint.resolve().parent.name == "checkpoints" and saved.is_file() else []
-
-
-def _is_mllm(path: Path) -> bool:
-    """Whether ``path`` is a checkpoint of the MLLM stage (its hyper-parameters name a connector)."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    hparams = state.get("hyper_parameters", {}) if isinstance(state, dict) else {}
-    return "connector" in hparams and "llm" in hparams
 
 
 def _mllm(
@@ -131,8 +128,8 @@ def run(
     out = Path(output) if output else checkpoints[0][0].parent.parent / "diagnostics"
     report: dict[str, Any] = {"checkpoints": []}
     datasets = batches = None
-    for path, step in checkpoints:
-        if _is_mllm(path):
+    for path, step, mllm in checkpoints:
+        if mllm:
             model, batches = _mllm(path, device, num_batches, batches, tasks)
             result = measure(model, {}, num_batches, "connector" if parameters == "auto" else parameters, sketch_dim,
                              batches=batches)  # fmt: skip
