@@ -172,5 +172,67 @@ def test_a_loss_weighting_by_name_weighs_the_step_and_travels_in_checkpoints(tas
     assert type(make_module(tasks, loss_weighting="dwa").coordination).__name__ == "DynamicWeightAverage"
     with pytest.raises(ValueError, match="coordination and loss_weighting both"):
         make_module(tasks, loss_weighting="dwa", coordination={"alpha": 1.0})
-    with pytest.raises(ValueError, match=r"loss_weighting 'nowhere.Famo': cannot import .*\['dwa', 'uncertainty'\]"):
+    with pytest.raises(ValueError, match=r"loss_weighting 'nowhere.Famo': cannot import .*\['dwa', 'famo', 'uncertainty'\]"):
         make_module(tasks, loss_weighting="nowhere.Famo")
+
+
+def test_famo_weights_and_logit_step_follow_the_formula():
+    from umedpt.weighting import FastAdaptiveWeighting
+
+    famo = FastAdaptiveWeighting(lr=0.1, weight_decay=0.0, smoothing=0.0)
+    assert famo.weights(["a", "b"]) == {"a": 1.0, "b": 1.0}  # nothing seen yet
+    famo.update({"a": 1.0, "b": 1.0})  # first losses: no improvement to judge
+    assert famo.z() == pytest.approx({"a": 0.5, "b": 0.5})
+    famo.update({"a": 0.5, "b": 1.0, "c": float("nan")})  # a improved by log 2, b not at all
+    # gradient of z . delta: z_k (delta_k - z . delta) = +/-0.1733; Adam's first step is lr * sign
+    za = math.exp(-0.1) / (math.exp(-0.1) + math.exp(0.1))
+    assert famo.z() == pytest.approx({"a": za, "b": 1 - za})
+    # shared moments: K (z_t / L_t) / sum_s (z_s / L_s), the step descends sum z_t log L_t
+    inv_a, inv_b = za / 0.5, (1 - za) / 1.0
+    assert famo.weights(["a", "b", "c"]) == pytest.approx(
+        {"a": 2 * inv_a / (inv_a + inv_b), "b": 2 * inv_b / (inv_a + inv_b), "c": 1.0}
+    )
+    famo.set_moments(per_task=True)  # a weight of an AdamW direction: no 1 / L
+    assert famo.weights(["a", "b"]) == pytest.approx({"a": 2 * za, "b": 2 * (1 - za)})
+    other = FastAdaptiveWeighting(lr=0.1, weight_decay=0.0, smoothing=0.0)
+    other.load_state_dict(famo.state_dict())
+    other.set_moments(per_task=True)
+    assert other.weights(["a", "b"]) == famo.weights(["a", "b"])
+    with pytest.raises(ValueError, match="smoothing must be in"):
+        FastAdaptiveWeighting(smoothing=1.0)
+
+
+def test_famo_balances_the_rates_at_which_losses_fall():
+    """Two tasks whose losses fall at 4x different speeds per unit of weight: FAMO moves weight
+    to the slow one until both log-losses fall at about the same rate."""
+    from umedpt.weighting import FastAdaptiveWeighting
+
+    def run(weight_decay: float) -> tuple[dict[str, float], float]:
+        famo = FastAdaptiveWeighting(lr=0.025, smoothing=0.0, weight_decay=weight_decay)
+        famo.set_moments(per_task=True)
+        speed = {"fast": 0.004, "slow": 0.001}
+        loss = {"fast": 1.0, "slow": 1.0}
+        drops: dict[str, list[float]] = {"fast": [], "slow": []}
+        for _ in range(3000):
+            weights = famo.weights(list(loss))
+            for t in loss:
+                new = loss[t] * (1.0 - speed[t] * weights[t])
+                drops[t].append(math.log(loss[t]) - math.log(new))
+                loss[t] = new
+            famo.update(loss)
+        return famo.weights(list(loss)), sum(drops["fast"][-500:]) / sum(drops["slow"][-500:])
+
+    # equal weights: the fast task's log-loss falls 4x faster; FAMO: weights 0.4 / 1.6, equal rates
+    weights, ratio = run(weight_decay=0.0)
+    assert weights == pytest.approx({"fast": 0.4, "slow": 1.6}, rel=1e-3)
+    assert ratio == pytest.approx(1.0, abs=0.01)
+    # the logits' decay (the paper's gamma) keeps the weights nearer 1: part of the way there
+    weights, ratio = run(weight_decay=0.001)
+    assert 0.4 < weights["fast"] < 1.0 < weights["slow"] < 1.6 and 1.0 < ratio < 4.0
+
+
+def test_the_module_tells_famo_what_its_weights_multiply(tasks):
+    from tests.test_module import make_module
+
+    assert make_module(tasks, loss_weighting="famo", moments="per_task").coordination.per_task_moments is True
+    assert make_module(tasks, loss_weighting="famo").coordination.per_task_moments is False

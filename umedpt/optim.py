@@ -148,6 +148,9 @@ class TaskwiseAdamW(torch.optim.Optimizer):
         return list(names)
 
 
+#: ``MultiTaskModule(jacobian_dtype=...)`` values: the dtypes J of an aggregator may be kept in
+JACOBIAN_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 #: ``MultiTaskModule(aggregator=...)`` value that keeps the plain sum of the task gradients
 SUM = "sum"
 

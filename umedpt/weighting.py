@@ -4,7 +4,8 @@
 GM-Coord: the task whose loss currently falls fastest dominates the shared encoder's updates,
 so its share of each step is damped until the others catch up (``MultiTaskModule(coordination=...)``).
 :class:`UncertaintyWeighting` (Kendall et al., 2018) and :class:`DynamicWeightAverage` (Liu et
-al., 2019) are loss weightings (``MultiTaskModule(loss_weighting=...)``).
+al., 2019) and :class:`FastAdaptiveWeighting` (FAMO, Liu et al., 2023) are loss weightings
+(``MultiTaskModule(loss_weighting=...)``).
 
 All of them need no per-task gradients, only the scaled losses the loop already has, and share
 one interface: ``weights(tasks)`` before a step, ``update(losses)`` after it, ``state_dict`` /
@@ -22,6 +23,7 @@ __all__ = [
     "COORDINATION_KEY",
     "LOSS_WEIGHTINGS",
     "DynamicWeightAverage",
+    "FastAdaptiveWeighting",
     "GradientCoordination",
     "UncertaintyWeighting",
     "build_loss_weighting",
@@ -223,8 +225,117 @@ class DynamicWeightAverage:
         return f"DynamicWeightAverage(temperature={self.temperature}, window={self.window})"
 
 
+class FastAdaptiveWeighting:
+    """Fast adaptive multitask optimisation, FAMO (Liu, Liu, Jin, Stone and Liu, 2023).
+
+    Each task has a logit ``xi_t``; ``z = softmax(xi)`` over the tasks seen so far. The step
+    descends ``sum_t z_t log L_t`` (normalised so the weights sum to the number of tasks ``K``),
+    i.e. task ``t``'s loss gets the weight ``K (z_t / L_t) / sum_s (z_s / L_s)``, so every task's
+    log-loss counts, not its scale. After a step, the logits move against each trained task's
+    improvement ``delta_t`` (drop of its log-loss): ``xi <- xi - beta (dz/dxi)^T delta`` (by
+    Adam, with weight decay ``gamma``), so tasks that improved more than the ``z``-weighted mean
+    lose weight and the slow ones gain: every task's loss falls at about the same rate.
+
+    Adapted to a loop in which a step may train one task of many: a task's loss ``L_t`` and its
+    improvement are taken from a moving average of its log-loss over the steps that trained it
+    (decay ``smoothing``; the paper re-evaluates every loss after each step). With AdamW moments
+    per task (``MultiTaskModule(moments="per_task")``, told by :meth:`set_moments`) a task's
+    weight scales its AdamW direction, which is already invariant to the loss's scale, so the
+    weight is ``K z_t`` there.
+
+    Args:
+        lr: Adam step size ``beta`` of the logits (the paper's 0.025).
+        weight_decay: ``gamma``, decay of the logits towards 0 (the paper's 0.001).
+        smoothing: decay of each task's moving average of its log-loss.
+        eps: added to a loss before its logarithm.
+    """
+
+    def __init__(self, lr: float = 0.025, weight_decay: float = 0.001, smoothing: float = 0.9, eps: float = 1e-8) -> None:
+        if not lr > 0:
+            raise ValueError(f"FastAdaptiveWeighting: lr must be > 0, got {lr}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"FastAdaptiveWeighting: smoothing must be in [0, 1), got {smoothing}")
+        if weight_decay < 0:
+            raise ValueError(f"FastAdaptiveWeighting: weight_decay must be >= 0, got {weight_decay}")
+        self.lr, self.weight_decay, self.smoothing, self.eps = float(lr), float(weight_decay), float(smoothing), float(eps)
+        self.betas = (0.9, 0.999)
+        self.per_task_moments = False
+        #: per task: ``[logit, Adam first moment, Adam second moment, smoothed log-loss]``
+        self.state: dict[str, list[float]] = {}
+        #: Adam steps taken by the logits
+        self.steps = 0
+
+    def set_moments(self, per_task: bool) -> None:
+        """Whether a weight scales the task's AdamW direction (``True``) or its loss."""
+        self.per_task_moments = bool(per_task)
+
+    def z(self) -> dict[str, float]:
+        """``softmax(xi)`` over the tasks seen so far."""
+        if not self.state:
+            return {}
+        top = max(s[0] for s in self.state.values())
+        exps = {n: math.exp(s[0] - top) for n, s in self.state.items()}
+        total = sum(exps.values())
+        return {n: e / total for n, e in exps.items()}
+
+    def weights(self, tasks: Sequence[str]) -> dict[str, float]:
+        """Each of ``tasks``' weight for the coming step (1 before a task is seen)."""
+        z = self.z()
+        if self.per_task_moments:
+            share = z
+        else:
+            inverse = {n: z[n] / math.exp(s[3]) for n, s in self.state.items()}
+            total = sum(inverse.values())
+            share = {n: v / total for n, v in inverse.items()}
+        return {t: len(share) * share[t] if t in share else 1.0 for t in tasks}
+
+    def update(self, losses: Mapping[str, float]) -> None:
+        """Take the trained tasks' losses; move the logits against their improvements."""
+        delta: dict[str, float] = {}
+        for task, value in losses.items():
+            value = float(value)
+            if not math.isfinite(value):
+                continue
+            log_loss = math.log(max(value, 0.0) + self.eps)
+            state = self.state.get(task)
+            if state is None:
+                self.state[task] = [0.0, 0.0, 0.0, log_loss]
+                continue
+            smoothed = self.smoothing * state[3] + (1.0 - self.smoothing) * log_loss
+            delta[task] = state[3] - smoothed
+            state[3] = smoothed
+        if not delta:
+            return
+        z = self.z()
+        mean = sum(z[n] * d for n, d in delta.items())
+        # gradient of z . delta in xi: z_k (delta_k - sum_j z_j delta_j), tasks not trained delta 0
+        self.steps += 1
+        b1, b2 = self.betas
+        for name, state in self.state.items():
+            grad = z[name] * (delta.get(name, 0.0) - mean) + self.weight_decay * state[0]
+            state[1] = b1 * state[1] + (1.0 - b1) * grad
+            state[2] = b2 * state[2] + (1.0 - b2) * grad * grad
+            m_hat = state[1] / (1.0 - b1**self.steps)
+            v_hat = state[2] / (1.0 - b2**self.steps)
+            state[0] -= self.lr * m_hat / (math.sqrt(v_hat) + 1e-8)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": {n: list(v) for n, v in self.state.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = {n: [float(x) for x in v] for n, v in state["state"].items()}
+        self.steps = int(state["steps"])
+
+    def __repr__(self) -> str:
+        return f"FastAdaptiveWeighting(lr={self.lr}, weight_decay={self.weight_decay}, smoothing={self.smoothing})"
+
+
 #: the loss weightings known by a short name
-LOSS_WEIGHTINGS: dict[str, type] = {"uncertainty": UncertaintyWeighting, "dwa": DynamicWeightAverage}
+LOSS_WEIGHTINGS: dict[str, type] = {
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "famo": FastAdaptiveWeighting,
+}
 
 
 def build_loss_weighting(spec: str | Mapping[str, Any]) -> Any:
