@@ -94,7 +94,8 @@ class MultiTaskModule(LightningModule):
             ``train/<task>/weight``; the state is checkpointed.
         loss_weighting: a loss weighting of :mod:`umedpt.weighting` by name (``uncertainty``:
             Kendall et al.'s learned log-variances; ``dwa``: Liu et al.'s dynamic weight
-            average; ``famo``: Liu et al.'s fast adaptive multitask optimisation) or class path, or ``{class_path: ..., init_args: {...}}`` (``None``: off).
+            average; ``famo``: Liu et al.'s fast adaptive multitask optimisation) or class path,
+            or ``{class_path: ..., init_args: {...}}`` (``None``: off).
             Its weights act like ``coordination``'s (the two are exclusive); logged and
             checkpointed the same way.
         tasks_per_step: train a random subset of this many tasks per step (``None``: all). A
@@ -191,8 +192,10 @@ class MultiTaskModule(LightningModule):
         object.__setattr__(self, "_aggregator", build_aggregator(aggregator))
         if jacobian_dtype not in JACOBIAN_DTYPES:
             raise ValueError(f"jacobian_dtype must be one of {sorted(JACOBIAN_DTYPES)}, got {jacobian_dtype!r}")
+        #: dtype and device of the rows of J (``None``: each parameter's device)
+        self._jacobian_dtype = JACOBIAN_DTYPES[jacobian_dtype]
         try:
-            torch.device(jacobian_device) if jacobian_device is not None else None
+            self._jacobian_device = torch.device(jacobian_device) if jacobian_device is not None else None
         except RuntimeError as err:
             raise ValueError(f"jacobian_device: {jacobian_device!r} is not a device (e.g. 'cpu', 'cuda:0')") from err
         if self._aggregator is not None and moments == "per_task":
@@ -369,11 +372,10 @@ class MultiTaskModule(LightningModule):
     def _take_encoder_grad(self) -> Tensor:
         """The encoder's gradient as one vector of ``jacobian_dtype`` on ``jacobian_device``
         (zeros where a parameter has none); ``.grad`` is left empty."""
-        dtype = JACOBIAN_DTYPES[self.hparams.get("jacobian_dtype", "float32")]
-        device = self.hparams.get("jacobian_device")
+        dtype, device = self._jacobian_dtype, self._jacobian_device
         parts = []
         for p in self.encoder.parameters():
-            where = p.device if device is None else torch.device(device)
+            where = p.device if device is None else device
             if p.grad is None:
                 parts.append(torch.zeros(p.numel(), device=where, dtype=dtype))
             else:
