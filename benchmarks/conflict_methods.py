@@ -10,16 +10,18 @@ Two groups:
   task's part of the step from its losses, ``dwa``, ``uncertainty``, ``famo``, ``gmcoord``
   (GM-Coord, alpha 0.3). An aggregator has nothing to combine in a step of one task.
 - four tasks per step (one AdamW, which the aggregators need): ``sum@4`` and the TorchJD
-  aggregators ``upgrad@4``, ``imtlg@4``, ``pcgrad@4`` over the four tasks' encoder gradients.
+  aggregator ``upgrad@4`` over the four tasks' encoder gradients (``imtlg@4`` and ``pcgrad@4``
+  on request: ``--methods``).
 
-Per fit: the final validation metric of every task (AUROC, Dice, mAP50), wall time, peak
+Per fit: the final validation metric of every task (AUROC, Dice, mAP50), wall time and CPU
+time (user + system: with one thread per fit it is the compute, whatever else runs), peak
 resident memory (the process's maximum RSS) and the tug-of-war of its final checkpoint
 (``umedpt diagnose``: GD, GM and the index per task on 8 training batches per task). Per
 method, over seeds: mean ± sd of every task; ``delta_m`` (Maninis et al.): the mean over tasks
 of the relative change of the task's metric against ``sum`` (both the recipe's ``sum`` and its
 own group's); the mean rank of the method over tasks (1 = best of all methods).
 
-    python benchmarks/conflict_methods.py                  # all methods x 3 seeds (about 70 min on 2 cores)
+    python benchmarks/conflict_methods.py                  # 7 methods x 3 seeds (about 100 min on 2 cores)
     python benchmarks/conflict_methods.py --methods sum famo --seeds 0
     python benchmarks/conflict_methods.py --reuse          # keep the fits already in runs/conflict
 
@@ -63,6 +65,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "imtlg@4": ("four tasks per step", [*FOUR, "--model.aggregator", "torchjd.aggregation.IMTLG"]),
     "pcgrad@4": ("four tasks per step", [*FOUR, "--model.aggregator", "torchjd.aggregation.PCGrad"]),
 }
+DEFAULT_METHODS = ["sum", "dwa", "uncertainty", "famo", "gmcoord", "sum@4", "upgrad@4"]
 #: the reference of each group
 REFERENCE = {"one task per step": "sum", "four tasks per step": "sum@4"}
 CONFIGS = ("configs/umedpt.yaml", "configs/quick.yaml")
@@ -72,8 +75,9 @@ def slug(method: str) -> str:
     return method.replace("@", "_at")
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Run ``cmd`` with its output in ``log``: its wall seconds and its peak RSS in MiB."""
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float, float]:
+    """Run ``cmd`` with its output in ``log``: its wall seconds, its CPU seconds (user + system,
+    which other load on the machine hardly changes) and its peak RSS in MiB."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -81,7 +85,7 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, f
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit status {proc.returncode}; see {log}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def fit(method: str, seed: int, reuse: bool) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def fit(method: str, seed: int, reuse: bool) -> dict[str, Any]:
     cmd += ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
             "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] fit {method} seed {seed}", flush=True)
-    seconds, peak = run_logged(cmd, root / "fit.log", env)
+    seconds, cpu, peak = run_logged(cmd, root / "fit.log", env)
     version = root / "lightning_logs" / "version_0"
     checkpoint = version / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
@@ -116,6 +120,7 @@ def fit(method: str, seed: int, reuse: bool) -> dict[str, Any]:
         "seed": seed,
         "command": " ".join(cmd[1:]),
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "peak_rss_mib": peak,
         "validation": final_validation(version),
         "diagnostics": tug,
@@ -155,6 +160,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "tasks": tasks,
             "seconds": stats([r["seconds"] for r in runs]),
             "seconds_per_task_batch": stats([r["seconds"] / BUDGET for r in runs]),
+            "cpu_seconds": stats(cpu) if (cpu := [r["cpu_seconds"] for r in runs if r.get("cpu_seconds")]) else {"n": 0},
             "peak_rss_mib": stats([r["peak_rss_mib"] for r in runs]),
             "mean_abs_tug_of_war": stats(
                 [statistics.fmean(abs(v) for v in tug_of_war(r["diagnostics"]).values()) for r in runs if tug_of_war(r["diagnostics"])]
@@ -192,10 +198,11 @@ def tables(summary: dict[str, Any]) -> str:
             f"{e['delta_m_vs_sum']:+.2f}%" if e["delta_m_vs_sum"] is not None else "-",
             f"{e['delta_m_vs_group']:+.2f}%" if e["delta_m_vs_group"] is not None else "-",
             f"{e['seconds']['mean']:.0f} ± {e['seconds']['sd']:.0f}",
+            f"{e['cpu_seconds']['mean']:.0f} ± {e['cpu_seconds']['sd']:.0f} (n={e['cpu_seconds']['n']})" if e["cpu_seconds"]["n"] else "-",
             f"{e['peak_rss_mib']['mean']:.0f}",
             f"{e['mean_abs_tug_of_war']['mean']:.3f}" if e["mean_abs_tug_of_war"] else "-",
         ])  # fmt: skip
-    header = ["method", "group", "seeds", "mean rank", "Δm vs sum", "Δm vs its group's sum", "fit s (1 thread)", "peak RSS MiB", "mean abs tug-of-war"]
+    header = ["method", "group", "seeds", "mean rank", "Δm vs sum", "Δm vs its group's sum", "fit wall s", "fit CPU s (1 thread)", "peak RSS MiB", "mean abs tug-of-war"]
     lines = [markdown_table(header, rows), ""]
     task_rows = []
     for name in summary["tasks"]:
@@ -238,7 +245,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="fits side by side (one thread each)")
     parser.add_argument("--reuse", action="store_true", help="keep the fits already recorded in runs/conflict")

@@ -4,7 +4,8 @@
 Reads the predictions JSONL written by ``lightning predict`` (:class:`~umedpt.mllm.GenerationWriter`),
 optionally takes the reference answers from an instruction JSONL matched by ``id``, and writes
 ``metrics.json`` and ``metrics.md`` (plus ``routing_weights_predict.png`` when the records carry
-routing weights). See :mod:`umedpt.mllm.metrics` for the metrics.
+routing weights). See :mod:`umedpt.mllm.metrics` for the metrics of the default protocol and
+:mod:`umedpt.mllm.unimed` for ``protocol="unimed"``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from umedpt.mllm.metrics import evaluate_records, markdown_table
+from umedpt.mllm.metrics import METRICS, evaluate_records, markdown_table
 from umedpt.mllm.predictions import read_predictions
+from umedpt.mllm.prompts import GRID
 
 
 def _with_references(
@@ -57,18 +59,32 @@ def mean_routing(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def evaluate(
-    predictions: str, references: str | None = None, output_dir: str | None = None
+    predictions: str,
+    references: str | None = None,
+    output_dir: str | None = None,
+    protocol: str = "umedpt",
+    image_size: float = GRID,
+    meteor: bool = True,
 ) -> dict[str, Any]:
-    """Score a predictions file; write ``metrics.json``/``metrics.md`` into ``output_dir``; return the report."""
+    """Score a predictions file; write ``metrics.json``/``metrics.md`` into ``output_dir``; return the report.
+
+    ``protocol``, ``image_size`` and ``meteor``: see :func:`umedpt.mllm.metrics.evaluate_records`.
+    """
     records = _with_references(read_predictions(predictions), predictions, references)
     out = Path(output_dir) if output_dir else Path(predictions).parent
     out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_records(records)
+    rows = evaluate_records(records, protocol=protocol, image_size=image_size, meteor=meteor, progress=True)
     routing = mean_routing(records)
-    report = {"predictions": str(predictions), "rows": rows, "routing": routing}
+    report = {"predictions": str(predictions), "protocol": protocol, "rows": rows, "routing": routing}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown_table(rows)
-    (out / "metrics.md").write_text(f"# MLLM evaluation of `{predictions}`\n\nScores in %.\n\n{table}")
+    if protocol == "unimed":
+        from umedpt.mllm.unimed import METRICS as columns
+    else:
+        columns = METRICS
+    table = markdown_table(rows, columns)
+    (out / "metrics.md").write_text(
+        f"# MLLM evaluation of `{predictions}`\n\nProtocol: {protocol}. Scores in %.\n\n{table}"
+    )
     if routing:
         from umedpt.mllm.plots import plot_routing, text_only_note
 

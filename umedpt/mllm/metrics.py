@@ -2,30 +2,37 @@
 
 - BLEU-1..4: corpus BLEU of torchmetrics (cumulative n-gram, brevity penalty) on lower-cased
   text with punctuation split off; ROUGE-1/2/L: torchmetrics F-measures averaged over answers.
+- METEOR (``[caption]`` only): corpus METEOR 1.5 (:mod:`umedpt.mllm.coco_caption`) on the same
+  lower-cased text; ``None`` where Java or pycocoevalcap is missing (a warning says why).
 - token F1 and exact match: SQuAD normalisation (lower case, no punctuation or articles).
 - closed-question accuracy: exact match over the closed questions only (``cls`` answers and
   ``yes``/``no`` answers); ``None`` when a group has none.
 - REC (``refer``): IoU of the first ``{<x1><y1><x2><y2>}`` box of the answer with the reference box
   (an unparsable answer counts IoU 0) and R@0.5, the fraction with IoU >= 0.5.
+
+``protocol="unimed"`` scores by the Uni-Med protocol instead (:mod:`umedpt.mllm.unimed`).
 """
 
 from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from umedpt.mllm.prompts import Box, parse_box
+from umedpt.mllm.prompts import GRID, Box, parse_box
 
 BOX_TASKS: tuple[str, ...] = ("refer",)
 CLOSED_ANSWERS: frozenset[str] = frozenset({"yes", "no"})
 #: the columns of a report, in order
 METRICS: tuple[str, ...] = (
-    "bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL",
+    "bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "meteor",
     "token_f1", "exact_match", "closed_accuracy", "iou", "recall@0.5",
 )  # fmt: skip
+#: the scoring rules ``evaluate_records`` offers
+PROTOCOLS: tuple[str, ...] = ("umedpt", "unimed")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 
@@ -93,10 +100,25 @@ def text_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[s
     return scores
 
 
-def score_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """All metrics of a group of records with ``task``, ``answer`` and ``prediction``."""
+def caption_meteor(predictions: Sequence[str], references: Sequence[str]) -> float | None:
+    """Corpus METEOR 1.5 on lower-cased text with punctuation split off; ``None`` (and a warning)
+    where it cannot run."""
+    from umedpt.mllm import coco_caption
+
+    reason = coco_caption.unavailable()
+    if reason is not None:
+        warnings.warn(f"METEOR not computed: {reason}", stacklevel=2)
+        return None
+    return coco_caption.meteor([_bleu_text(p) for p in predictions], [_bleu_text(r) for r in references])
+
+
+def score_records(records: Sequence[dict[str, Any]], meteor: bool = True) -> dict[str, Any]:
+    """All metrics of a group of records with ``task``, ``answer`` and ``prediction``
+    (METEOR when ``meteor`` and every record is a ``[caption]``)."""
     preds, refs = [r["prediction"] for r in records], [r["answer"] for r in records]
     scores: dict[str, Any] = {"n": len(records), **text_scores(preds, refs)}
+    captions = all(r["task"] == "caption" for r in records)
+    scores["meteor"] = caption_meteor(preds, refs) if meteor and captions else None
     scores["token_f1"] = sum(map(token_f1, preds, refs)) / len(records)
     scores["exact_match"] = sum(map(exact_match, preds, refs)) / len(records)
     closed = [exact_match(r["prediction"], r["answer"]) for r in records if is_closed(r["task"], r["answer"])]
@@ -107,33 +129,64 @@ def score_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return scores
 
 
-def evaluate_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of scores per (task, dataset) and per task over all its datasets (``dataset = "all"``)."""
+def evaluate_records(
+    records: Sequence[dict[str, Any]],
+    protocol: str = "umedpt",
+    image_size: float = GRID,
+    meteor: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Rows of scores per (task, dataset) and per task over all its datasets (``dataset = "all"``).
+
+    Args:
+        records: dicts with ``task``, ``dataset``, ``answer`` and ``prediction``.
+        protocol: ``umedpt`` (this module's metrics) or ``unimed`` (:mod:`umedpt.mllm.unimed`;
+            rows also carry ``subset``: ``all``, or ``open`` / ``closed`` for ``[vqa]`` and ``[qa]``).
+        image_size: ``unimed`` only: the pixel size the 0-100 box grid is scaled to for the IoU
+            (its inclusive pixel count depends on it); a record's ``width`` / ``height`` win.
+        meteor: compute METEOR for ``[caption]`` rows (a Java process per row).
+        progress: show a progress bar over the groups.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluate_records: protocol {protocol!r} is not one of {list(PROTOCOLS)}")
     if not records:
         raise ValueError("evaluate_records: no records")
     by_task: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         by_task[record["task"]][record["dataset"]].append(record)
-    rows = []
+    groups = []
     for task in sorted(by_task):
         datasets = by_task[task]
-        for dataset in sorted(datasets):
-            rows.append({"task": task, "dataset": dataset, **score_records(datasets[dataset])})
+        groups += [(task, dataset, datasets[dataset]) for dataset in sorted(datasets)]
         if len(datasets) > 1:
-            everything = [r for group in datasets.values() for r in group]
-            rows.append({"task": task, "dataset": "all", **score_records(everything)})
+            groups.append((task, "all", [r for group in datasets.values() for r in group]))
+    from tqdm.auto import tqdm
+
+    rows = []
+    for task, dataset, group in tqdm(groups, desc=f"scoring ({protocol})", unit="group", disable=not progress):
+        if protocol == "umedpt":
+            rows.append({"task": task, "dataset": dataset, **score_records(group, meteor=meteor)})
+            continue
+        from umedpt.mllm import unimed
+
+        subsets = {s: [r for r in group if s == "all" or (s == "closed") == unimed.is_closed(r)] for s in ("all", "open", "closed")}
+        for subset, scores in unimed.score_records(task, group, image_size=image_size, meteor=meteor):
+            rows.append({"task": task, "dataset": dataset, "subset": subset, "n": len(subsets[subset]), **scores})
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a Markdown table, scores in percent (``-``: not applicable)."""
-    header = ["task", "dataset", "n", *METRICS]
+def markdown_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
+    """The rows as a Markdown table, scores in percent (``-``: not applicable); a ``subset``
+    column when the rows have one."""
+    subset = any("subset" in row for row in rows)
+    header = ["task", "dataset", *(["subset"] if subset else []), "n", *metrics]
+    keys = len(header) - len(metrics) - 1
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+        "|" + "|".join(["---"] * keys + ["---:"] * (len(header) - keys)) + "|",
     ]
     for row in rows:
-        cells = [row["task"], row["dataset"], str(row["n"])]
-        cells += ["-" if row[m] is None else f"{100 * row[m]:.1f}" for m in METRICS]
+        cells = [row["task"], row["dataset"], *([row.get("subset", "all")] if subset else []), str(row["n"])]
+        cells += ["-" if row.get(m) is None else f"{100 * row[m]:.1f}" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
