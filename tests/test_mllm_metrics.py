@@ -132,6 +132,8 @@ def test_routing_plot_names_the_text_only_tasks_it_has_no_row_for(tmp_path):
     note = text_only_note(weights)
     assert note is not None and "[qa]" in note and "text-only" in note
     assert text_only_note({**weights, "qa": [0.5, 0.5]}) is None
+    missing = text_only_note({**weights, "qa": [0.5, 0.5]}, ["vqa", "refer", "caption"])
+    assert missing is not None and "[refer]" in missing and "[vqa]" not in missing and "text-only" not in missing
     path = plot_routing(weights, tmp_path / "r.png", note=note)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -92,7 +92,7 @@ def evaluate(
             routing,
             out / "routing_weights_predict.png",
             title="routing weights (predict)",
-            note=text_only_note(routing),
+            note=text_only_note(routing, sorted({r["task"] for r in records})),
         )
     print(table, end="")
     print(f"umedpt: metrics written to {out / 'metrics.json'} and {out / 'metrics.md'}")

@@ -357,7 +357,7 @@ class MLLMModule(LightningModule):
             self.routing_means,
             run / "routing_weights.png",
             title="training routing weights",
-            note=text_only_note(self.routing_means),
+            note=text_only_note(self.routing_means, self.tasks),
         )
 
     def _run_dir(self) -> Path:

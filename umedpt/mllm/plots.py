@@ -6,14 +6,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def text_only_note(weights: Mapping[str, Sequence[float]]) -> str | None:
-    """A caption naming the text-only tasks that have no row (no image passes the connector)."""
+def text_only_note(weights: Mapping[str, Sequence[float]], expected: Sequence[str] = ()) -> str | None:
+    """A caption naming the tasks that have no row: the text-only tasks (no image passes the
+    connector) and any image task of ``expected`` without routing weights."""
     from umedpt.mllm.prompts import IMAGE_TASKS, TASK_IDENTIFIERS
 
+    parts = []
     absent = [t for t in TASK_IDENTIFIERS if t not in IMAGE_TASKS and t not in weights]
-    if not absent:
-        return None
-    return f"no row for [{'], ['.join(absent)}]: text-only, no image tokens pass the connector"
+    if absent:
+        parts.append(f"no row for [{'], ['.join(absent)}]: text-only, no image tokens pass the connector")
+    unrouted = [t for t in expected if t in IMAGE_TASKS and t not in weights]
+    if unrouted:
+        parts.append(f"no row for [{'], ['.join(unrouted)}]: no routing weights were recorded for it")
+    return "; ".join(parts) or None
 
 
 def plot_routing(
