@@ -43,13 +43,15 @@ def fitted(connector: str, seed: int, root: Path) -> Any:
     ])  # fmt: skip
 
 
-def measure(cli: Any, count: int) -> dict[str, Any]:
+def measure(cli: Any, count: int, sketch_dim: int | str | None = None) -> dict[str, Any]:
     """The diagnostics of the fitted connector on ``count`` training batches per image task
-    (what ``umedpt diagnose`` computes for an MLLM checkpoint), plus summary numbers."""
+    (what ``umedpt diagnose`` computes for an MLLM checkpoint), plus summary numbers;
+    ``sketch_dim``: keep each gradient as a count sketch of that size, or ``"auto"`` (as
+    ``umedpt diagnose``), for connectors whose full gradients do not fit in memory."""
     from umedpt.diagnostic_callbacks import measure as measure_model
 
     batches = cli.datamodule.task_batches(count)
-    result = measure_model(cli.model, {}, count, "connector", sketch_dim=None, batches=batches)
+    result = measure_model(cli.model, {}, count, "connector", sketch_dim=sketch_dim, batches=batches)
     n = len(result["tasks"])
     off = [result["gd"][i][j] for i in range(n) for j in range(n) if i != j]
     result.update(

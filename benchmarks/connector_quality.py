@@ -6,7 +6,7 @@ connector. For each connector and seed this fits the MLLM quick recipe
 instructions, 5 epochs, the same steps for every connector; 48 test scenes per world instead of
 8, so that the scores rest on more answers), generates the answers of the test split (greedy), scores them (``umedpt mllm-evaluate``'s functions, umedpt protocol) and measures
 the tug-of-war of the image tasks at the connector (``umedpt diagnose``'s functions, 8 training
-batches per task). Each run is its own process with one thread (``OMP_NUM_THREADS=1``).
+batches per task; count sketches for the CMoE, as ``diagnose`` chooses). Each run is its own process with one thread (``OMP_NUM_THREADS=1``).
 
 Per task the headline metric: closed-question accuracy for ``[vqa]`` and ``[cls]``, IoU for
 ``[refer]``, token F1 for ``[identify]``, ROUGE-L for ``[caption]``, exact match for ``[qa]``;
@@ -48,6 +48,9 @@ CONNECTORS: dict[str, list[str]] = {
 HEADLINE = {"vqa": "closed_accuracy", "cls": "closed_accuracy", "refer": "iou", "identify": "token_f1",
             "caption": "rougeL", "qa": "exact_match"}  # fmt: skip
 #: the quick recipe with 48 test scenes per world instead of 8 (about 290 test answers per task, not 48)
+#: as ``umedpt diagnose``: full gradients up to 2 GiB, else count sketches (the 17.6 M-parameter
+#: CMoE's 40 full gradients in float64 would take 5.6 GB)
+SKETCH = "auto"
 CONFIGS = ["-c", "configs/mllm.yaml", "-c", "configs/mllm_quick.yaml",
            "--data.synthetic_images", "{train: 48, val: 4, test: 48}", "--data.synthetic_dir", "runs/connector_quality/data"]  # fmt: skip
 
@@ -73,7 +76,7 @@ def one(connector: str, seed: int, batches: int, root: Path) -> dict[str, Any]:
     cli = main(["fit", *common])
     fit_seconds = time.perf_counter() - start
     version = Path(cli.trainer.log_dir)
-    diagnostics = measure(cli, batches)
+    diagnostics = measure(cli, batches, sketch_dim=SKETCH)
     checkpoint = sorted((version / "checkpoints").glob("*.ckpt"))[-1]
     main(["predict", *common, "--ckpt_path", str(checkpoint)])
     predictions = sorted(root.rglob("predictions.jsonl"), key=lambda p: p.stat().st_mtime)[-1]

@@ -169,9 +169,8 @@ def evaluate_records(
             continue
         from umedpt.mllm import unimed
 
-        subsets = {s: [r for r in group if s == "all" or (s == "closed") == unimed.is_closed(r)] for s in ("all", "open", "closed")}
         for subset, scores in unimed.score_records(task, group, image_size=image_size, meteor=meteor):
-            rows.append({"task": task, "dataset": dataset, "subset": subset, "n": len(subsets[subset]), **scores})
+            rows.append({"task": task, "dataset": dataset, "subset": subset, **scores})
     return rows
 
 

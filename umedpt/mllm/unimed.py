@@ -207,7 +207,14 @@ def score_records(
     task: str, records: Sequence[dict[str, Any]], image_size: float = GRID, meteor: bool = True
 ) -> list[tuple[str, dict[str, Any]]]:
     """(subset, scores) of one task's records under the protocol: ``[vqa]`` and ``[qa]`` give the
-    subsets ``all``, ``open`` and ``closed`` (those that have records), every other task ``all``."""
+    subsets ``all``, ``open`` and ``closed`` (those that have records), every other task ``all``.
+    The scores start with ``n``, the subset's number of records."""
+    return [(subset, {"n": len(group), **scores}) for subset, group, scores in _score_subsets(task, records, image_size, meteor)]
+
+
+def _score_subsets(
+    task: str, records: Sequence[dict[str, Any]], image_size: float, meteor: bool
+) -> list[tuple[str, Sequence[dict[str, Any]], dict[str, Any]]]:
     if task in ("vqa", "qa"):
         closed = [r for r in records if is_closed(r)]
         opened = [r for r in records if not is_closed(r)]
@@ -217,18 +224,18 @@ def score_records(
                 continue
             scores = _short_answer_scores(group)
             scores["closed_accuracy"] = _substring_accuracy([r for r in group if is_closed(r)]) if subset != "open" else None
-            out.append((subset, scores))
+            out.append((subset, group, scores))
         return out
     if task == "identify":
         scores = _short_answer_scores(records)
         scores["accuracy"] = _equal_accuracy(records)
-        return [("all", scores)]
+        return [("all", records, scores)]
     if task == "cls":
         scores = _empty()
         scores["accuracy"] = _equal_accuracy(records)
-        return [("all", scores)]
+        return [("all", records, scores)]
     if task == "caption":
-        return [("all", _caption_scores(records, meteor))]
+        return [("all", records, _caption_scores(records, meteor))]
     if task == "refer":
         ious = []
         for r in records:
@@ -241,6 +248,6 @@ def score_records(
         scores = _empty()
         scores["iou"] = _mean(ious)
         scores["recall@0.5"] = _mean([float(v > 0.5) for v in ious])
-        return [("all", scores)]
+        return [("all", records, scores)]
     # a task the protocol has no rule for: the short-answer rules
-    return [("all", _short_answer_scores(records))]
+    return [("all", records, _short_answer_scores(records))]
