@@ -249,11 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="fits side by side (one thread each)")
     parser.add_argument("--reuse", action="store_true", help="keep the fits already recorded in runs/conflict")
+    parser.add_argument("--recorded", action="store_true",
+                        help="fit nothing: summarise the fits of --methods and --seeds recorded in runs/conflict")  # fmt: skip
     parser.add_argument("--name", default="conflict_methods_cpu")
     args = parser.parse_args(argv)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        records = list(pool.map(lambda job: fit(job[0], job[1], args.reuse), jobs))
+    if args.recorded:
+        paths = [RUNS / f"{slug(m)}_seed{s}" / "record.json" for m, s in jobs]
+        records = [r for r in (json.loads(p.read_text()) for p in paths if p.is_file()) if "method" in r]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            records = list(pool.map(lambda job: fit(job[0], job[1], args.reuse), jobs))
     summary = summarise(records)
     text = tables(summary)
     print(text)
