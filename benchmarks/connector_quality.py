@@ -10,12 +10,16 @@ batches per task; count sketches for the CMoE, as ``diagnose`` chooses). Each ru
 
 Per task the headline metric: closed-question accuracy for ``[vqa]`` and ``[cls]``, IoU for
 ``[refer]``, token F1 for ``[identify]``, ROUGE-L for ``[caption]``, exact match for ``[qa]``;
-plus the final training and validation losses.
+plus the final training and validation losses. The plain reference is the most frequent answer:
+every question of a dataset answered with its most common reference answer (what a model that
+ignores the image scores).
 
     python benchmarks/connector_quality.py                         # 5 connectors x seeds 0 1 2
     python benchmarks/connector_quality.py --connectors mlp soft --seeds 0
+    python benchmarks/connector_quality.py --name connector_quality_pretrained \
+        --fit_args=--model.encoder=runs/quick/lightning_logs/version_0/encoder   # any fit options
 
-Writes ``benchmarks/results/connector_quality_cpu.{json,md,png}``.
+Writes ``benchmarks/results/<name>.{json,md,png}`` (default name ``connector_quality_cpu``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ CONNECTORS: dict[str, list[str]] = {
 #: task -> the metric of the task's row that the table reports
 HEADLINE = {"vqa": "closed_accuracy", "cls": "closed_accuracy", "refer": "iou", "identify": "token_f1",
             "caption": "rougeL", "qa": "exact_match"}  # fmt: skip
-#: the quick recipe with 48 test scenes per world instead of 8 (about 290 test answers per task, not 48)
+#: the quick recipe with 48 test scenes per world instead of 8 (about 96 test answers per task, not 16)
 #: as ``umedpt diagnose``: full gradients up to 2 GiB, else count sketches (the 17.6 M-parameter
 #: CMoE's 40 full gradients in float64 would take 5.6 GB)
 SKETCH = "auto"
@@ -64,14 +68,36 @@ def last_scalar(run_dir: Path, tag: str) -> float | None:
     return events.Scalars(tag)[-1].value if tag in events.Tags()["scalars"] else None
 
 
-def one(connector: str, seed: int, batches: int, root: Path) -> dict[str, Any]:
+def headline(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Task -> its headline metric, from the task's row over all its datasets."""
+    pooled = {r["task"] for r in rows if r["dataset"] == "all"}
+    chosen = {r["task"]: r for r in rows if r["dataset"] == "all" or r["task"] not in pooled}
+    return {task: chosen[task][HEADLINE[task]] for task in HEADLINE if task in chosen}
+
+
+def constant_answer(predictions: Path) -> dict[str, float]:
+    """The headline metrics of answering every question of a dataset with its most frequent
+    reference answer (the plain reference: what a model that ignores the image scores)."""
+    from collections import Counter
+
+    from umedpt.mllm.metrics import evaluate_records
+    from umedpt.mllm.predictions import read_predictions
+
+    records = read_predictions(predictions)
+    common = {}
+    for dataset in {r["dataset"] for r in records}:
+        common[dataset] = Counter(r["answer"] for r in records if r["dataset"] == dataset).most_common(1)[0][0]
+    return headline(evaluate_records([{**r, "prediction": common[r["dataset"]]} for r in records], meteor=False))
+
+
+def one(connector: str, seed: int, batches: int, root: Path, fit_args: list[str]) -> dict[str, Any]:
     """Fit, generate, score and diagnose one connector and seed (in this process)."""
     from benchmarks.connector_interference import measure
     from umedpt.cli import main
     from umedpt.mllm.evaluate import evaluate
 
     common = [*CONFIGS, *CONNECTORS[connector], "--seed_everything", str(seed), "--trainer.default_root_dir", str(root),
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *fit_args]  # fmt: skip
     start = time.perf_counter()
     cli = main(["fit", *common])
     fit_seconds = time.perf_counter() - start
@@ -81,8 +107,6 @@ def one(connector: str, seed: int, batches: int, root: Path) -> dict[str, Any]:
     main(["predict", *common, "--ckpt_path", str(checkpoint)])
     predictions = sorted(root.rglob("predictions.jsonl"), key=lambda p: p.stat().st_mtime)[-1]
     report = evaluate(str(predictions), output_dir=str(root / "evaluation"))
-    rows = {row["task"]: row for row in report["rows"] if row["dataset"] == "all" or row["task"] not in
-            {r["task"] for r in report["rows"] if r["dataset"] == "all"}}  # fmt: skip
     return {
         "connector": connector,
         "seed": seed,
@@ -91,7 +115,8 @@ def one(connector: str, seed: int, batches: int, root: Path) -> dict[str, Any]:
         "parameters": diagnostics["num_parameters"],
         "train_loss": last_scalar(version, "train/loss_epoch"),
         "val_loss": last_scalar(version, "val/loss"),
-        "metrics": {task: rows[task][HEADLINE[task]] for task in HEADLINE if task in rows},
+        "metrics": headline(report["rows"]),
+        "constant_answer": constant_answer(predictions),
         "rows": report["rows"],
         "tug_of_war": dict(zip(diagnostics["tasks"], diagnostics["tug_of_war"], strict=True)),
         "tug_of_war_mean": diagnostics["tug_of_war_mean"],
@@ -116,7 +141,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for entry in per.values():
             changes = [(entry["tasks"][t]["mean"] - base[t]["mean"]) / base[t]["mean"] for t in tasks if base[t]["mean"]]
             entry["delta_m_vs_mlp"] = 100.0 * statistics.fmean(changes) if changes else None
-    return {"connectors": per, "tasks": tasks, "headline": {t: HEADLINE[t] for t in tasks}}
+    constant = {t: stats([r["constant_answer"][t] for r in runs if t in r["constant_answer"]]) for t in tasks}
+    return {"connectors": per, "constant_answer": constant, "tasks": tasks, "headline": {t: HEADLINE[t] for t in tasks}}
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -131,6 +157,8 @@ def table(summary: dict[str, Any]) -> str:
              f"{e['delta_m_vs_mlp']:+.1f}%" if e.get("delta_m_vs_mlp") is not None else "-",
              cell(e["train_loss"]), cell(e["val_loss"]), cell(e["tug_of_war_mean"]), f"{e['fit_seconds']['mean']:.0f}"]
             for c, e in per.items()]  # fmt: skip
+    constant = summary["constant_answer"]
+    rows.append(["most frequent answer", "-", *(cell(constant[t]) for t in tasks), "-", "-", "-", "-", "-"])
     return markdown_table(header, rows)
 
 
@@ -147,6 +175,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         xs = [j + i * width for j in range(len(tasks))]
         ax.bar(xs, [entry["tasks"][t]["mean"] for t in tasks], width, yerr=[entry["tasks"][t]["sd"] for t in tasks],
                capsize=2, label=connector)  # fmt: skip
+    for j, t in enumerate(tasks):
+        level = summary["constant_answer"][t]["mean"]
+        ax.hlines(level, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="--", lw=1,
+                  label="most frequent answer" if j == 0 else None)  # fmt: skip
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [f"{t}\n({HEADLINE[t]})" for t in tasks])
     ax.set_ylabel("test score, mean ± sd over seeds")
     ax.set_title("MLLM quick recipe: connector-MoE routers vs the MLP connector")
@@ -162,32 +194,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=8, help="training batches per task for the tug-of-war")
     parser.add_argument("--reuse", action="store_true", help="keep the runs already recorded in runs/connector_quality")
+    parser.add_argument("--fit_args", action="append", default=[], help="one more option for fit and predict (repeatable)")
+    parser.add_argument("--name", default="connector_quality_cpu", help="results file name (and run folder)")
     parser.add_argument("--one", nargs=2, metavar=("CONNECTOR", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    runs_dir = RUNS if args.name == "connector_quality_cpu" else RUNS.parent / args.name
     if args.one:
         connector, seed = args.one[0], int(args.one[1])
-        root = RUNS / f"{connector}_seed{seed}"
-        result = one(connector, seed, args.batches, root)
+        root = runs_dir / f"{connector}_seed{seed}"
+        result = one(connector, seed, args.batches, root, args.fit_args)
         (root / "record.json").write_text(json.dumps(result, indent=1) + "\n")
         return 0
     runs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for seed in args.seeds:
         for connector in args.connectors:
-            root = RUNS / f"{connector}_seed{seed}"
+            root = runs_dir / f"{connector}_seed{seed}"
             record = root / "record.json"
             if not (args.reuse and record.is_file()):
                 root.mkdir(parents=True, exist_ok=True)
                 print(f"[{time.strftime('%H:%M:%S')}] {connector} seed {seed}", flush=True)
                 with (root / "run.log").open("w") as log:
-                    subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--one", connector, str(seed)],
+                    subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--name", args.name,
+                                    "--one", connector, str(seed), *(f"--fit_args={a}" for a in args.fit_args)],
                                    check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-            runs.append(json.loads(record.read_text()))
+            run = json.loads(record.read_text())
+            if "constant_answer" not in run:  # recorded before the baseline was part of a run
+                run["constant_answer"] = constant_answer(sorted(root.rglob("predictions.jsonl"))[-1])
+                record.write_text(json.dumps(run, indent=1) + "\n")
+            runs.append(run)
             print(f"  {connector} seed {seed}: {runs[-1]['metrics']}", flush=True)
     summary = summarise(runs)
     text = table(summary)
     print("\n" + text)
-    name = "connector_quality_cpu"
+    name = args.name
     (RESULTS / f"{name}.md").write_text(
         f"MLLM quick recipe per connector, test split, umedpt protocol, mean ± sd over seeds {args.seeds}.\n\n{text}\n"
     )
