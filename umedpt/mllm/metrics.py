@@ -151,6 +151,12 @@ def evaluate_records(
         raise ValueError(f"evaluate_records: protocol {protocol!r} is not one of {list(PROTOCOLS)}")
     if not records:
         raise ValueError("evaluate_records: no records")
+    if protocol == "unimed":
+        import importlib.util
+
+        missing = [name for name in ("nltk", "rouge") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ModuleNotFoundError(f"the unimed protocol needs {' and '.join(missing)}: pip install -e '.[llm]'")
     by_task: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         by_task[record["task"]][record["dataset"]].append(record)
