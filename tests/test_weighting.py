@@ -34,6 +34,9 @@ def test_the_task_that_improves_fastest_is_damped_by_the_formula():
     weights = coord.weights(["a", "b"])
     assert weights["a"] == pytest.approx(1.0 - math.tanh(rho - 1.0)) and weights["a"] < 0.3
     assert weights["b"] == 1.0
+    # a step of one task is judged against every task's progress, not its own alone
+    assert coord.weights(["a"]) == {"a": weights["a"]}
+    assert coord.weights(["b"]) == {"b": 1.0}
 
 
 def test_no_progress_means_no_damping_and_the_floor_holds():

@@ -39,7 +39,8 @@ class GradientCoordination:
     Each task's recent progress is the drop of its scaled loss (about 1 at initialisation)
     between a slow and a fast moving average: ``d_t = slow_t - fast_t`` (positive while the loss
     falls). A task's dominance is its share of the mean progress, ``rho_t = d_t / mean(d)``,
-    over the tasks that have both averages; a dominant task (``rho_t > 1``) gets the weight
+    the mean over every task that has both averages (not only the tasks of the step, so that it
+    also works when each step trains one task); a dominant task (``rho_t > 1``) gets the weight
     ``1 - tanh(alpha * (rho_t - 1))``, floored at ``min_weight``. While no task improves
     (``mean(d) <= eps``) every weight is 1.
 
@@ -79,8 +80,7 @@ class GradientCoordination:
     def weights(self, tasks: Sequence[str]) -> dict[str, float]:
         """The weight of each of ``tasks`` for the coming step (1 for unsettled tasks)."""
         progress = self.progress()
-        known = [progress[t] for t in tasks if t in progress]
-        mean = sum(known) / len(known) if known else 0.0
+        mean = sum(progress.values()) / len(progress) if progress else 0.0
         out = {}
         for task in tasks:
             rho = progress[task] / mean if task in progress and mean > self.eps else 1.0
