@@ -24,6 +24,8 @@ own group's); the mean rank of the method over tasks (1 = best of all methods).
     python benchmarks/conflict_methods.py                  # 7 methods x 3 seeds (about 100 min on 2 cores)
     python benchmarks/conflict_methods.py --methods sum famo --seeds 0
     python benchmarks/conflict_methods.py --reuse          # keep the fits already in runs/conflict
+    python benchmarks/conflict_methods.py --methods gmcoord --merge benchmarks/results/conflict_methods_cpu.json
+                                                           # refit one method, the others as recorded
 
 Writes ``benchmarks/results/conflict_methods_cpu.{json,md,png}``.
 """
@@ -130,9 +132,12 @@ def fit(method: str, seed: int, reuse: bool) -> dict[str, Any]:
     return out
 
 
-def tug_of_war(diagnostics: dict[str, Any]) -> dict[str, float]:
-    """Task -> tug-of-war index of the final checkpoint (from the diagnose report)."""
-    checkpoints = diagnostics.get("checkpoints") or []
+def tug_of_war(record: dict[str, Any]) -> dict[str, float]:
+    """Task -> tug-of-war index of the fit's final checkpoint: from its diagnose report, or as
+    stored in a results file (``--merge``)."""
+    if "tug_of_war" in record:
+        return record["tug_of_war"]
+    checkpoints = (record.get("diagnostics") or {}).get("checkpoints") or []
     last = checkpoints[-1] if checkpoints else {}
     names, values = last.get("tasks") or [], last.get("tug_of_war") or []
     return dict(zip(names, values, strict=False))
@@ -148,7 +153,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         tasks = {}
         for name in kinds:
             values = [r["validation"][f"val/{name}/{metric[name]}"] for r in runs if f"val/{name}/{metric[name]}" in r["validation"]]
-            tugs = [tug_of_war(r["diagnostics"]).get(name) for r in runs]
+            tugs = [tug_of_war(r).get(name) for r in runs]
             tasks[name] = {
                 "metric": metric[name],
                 **stats(values),
@@ -163,8 +168,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "cpu_seconds": stats(cpu) if (cpu := [r["cpu_seconds"] for r in runs if r.get("cpu_seconds")]) else {"n": 0},
             "peak_rss_mib": stats([r["peak_rss_mib"] for r in runs]),
             "mean_abs_tug_of_war": stats(
-                [statistics.fmean(abs(v) for v in tug_of_war(r["diagnostics"]).values()) for r in runs if tug_of_war(r["diagnostics"])]
-            ) if any(tug_of_war(r["diagnostics"]) for r in runs) else None,
+                [statistics.fmean(abs(v) for v in tug_of_war(r).values()) for r in runs if tug_of_war(r)]
+            ) if any(tug_of_war(r) for r in runs) else None,
         }  # fmt: skip
 
     def delta_m(method: str, reference: str) -> float | None:
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep the fits already recorded in runs/conflict")
     parser.add_argument("--recorded", action="store_true",
                         help="fit nothing: summarise the fits of --methods and --seeds recorded in runs/conflict")  # fmt: skip
+    parser.add_argument("--merge", type=Path, metavar="JSON",
+                        help="a results file of this benchmark: its runs stand in for the (method, seed) pairs of --methods and --seeds that runs/conflict does not hold")  # fmt: skip
     parser.add_argument("--name", default="conflict_methods_cpu")
     args = parser.parse_args(argv)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
@@ -260,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             records = list(pool.map(lambda job: fit(job[0], job[1], args.reuse), jobs))
+    if args.merge:
+        have = {(r["method"], r["seed"]) for r in records}
+        try:
+            stored = json.loads(args.merge.read_text())["runs"]
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"--merge {args.merge}: expected a results file of this benchmark with a 'runs' list") from error
+        records += [r for r in stored if (r["method"], r["seed"]) in set(jobs) - have]
     summary = summarise(records)
     text = tables(summary)
     print(text)
@@ -270,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
         "commands": {m: "umedpt fit -c configs/umedpt.yaml -c configs/quick.yaml " + " ".join(METHODS[m][1]) for m in args.methods},
         **summary,
-        "runs": [{k: v for k, v in r.items() if k != "diagnostics"} | {"tug_of_war": tug_of_war(r["diagnostics"])} for r in records],
+        "runs": [{k: v for k, v in r.items() if k != "diagnostics"} | {"tug_of_war": tug_of_war(r)}
+                 for r in sorted(records, key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))],
     }  # fmt: skip
     write_result(args.name, result)
     (RESULTS / f"{args.name}.md").write_text(text + "\n")

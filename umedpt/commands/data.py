@@ -1,4 +1,6 @@
-"""``umedpt data check -c <config>``: check every task's data before training.
+"""``umedpt data check -c <config>``: check every task's data before training;
+``umedpt data optimize -c <config> --out DIR``: write every task's data as litdata chunks for
+streaming (:mod:`umedpt.data.streaming`).
 
 Reads the tasks from the same YAML files as training (``model.tasks``, ``data.dataset_defaults``;
 several ``-c`` files merge like LightningCLI's). For every task and split it reports the number of
@@ -8,7 +10,15 @@ image's or that hold values that are not classes, boxes outside the image or deg
 duplicated across splits (equal pixels), specs that do not match the data (class count, kind,
 batch size). Exit status: 0 without errors, 1 with errors, 2 for a bad command line or config.
 
-Datasets that are not file readers (e.g. the synthetic worlds) are counted, not inspected.
+Datasets that are not file readers (e.g. the synthetic worlds) are counted, not inspected; a
+task optimized for streaming is checked on its stored items (labels, masks, boxes, class
+balance, sizes).
+
+``optimize`` converts each task's splits (any reader, after decoding, before augmentation) into
+``DIR/<task>/<split>/`` litdata chunks with ``DIR/<task>/umedpt.json`` beside them, and writes
+``DIR/streaming.yaml``: the config's task list with each task's ``data`` replaced by its
+streaming dataset, to add as the last ``-c`` of ``umedpt fit``. Run again, it skips the splits
+already written and continues an interrupted one.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
-from umedpt.data.check import SPLITS, TaskReport, check_task, load_tasks
+from umedpt.data.check import SPLITS, TaskReport, check_task, load_task_specs, load_tasks
 from umedpt.kinds import get_kind
 
 __all__ = ["main", "print_reports"]
@@ -104,29 +114,100 @@ def _parser() -> ArgumentParser:
     check.add_argument("--quick", action="store_true",
                        help="check only what the annotations declare (no image decoding, no duplicate search)")
     check.add_argument("--max-problems", type=int, default=20, metavar="N", help="problems shown per task (table)")
+    optimize = ArgumentParser(prog="umedpt data optimize", description=__doc__)
+    optimize.add_argument("-c", "--config", action="append", required=True,
+                          help="training YAML config (repeatable; later files override earlier ones)")
+    optimize.add_argument("--out", required=True, help="output folder: a local path or an object-store URI litdata writes (s3://, gs://, ...)")
+    optimize.add_argument("--tasks", nargs="+", metavar="NAME", help="only these tasks")
+    optimize.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="only these splits")
+    optimize.add_argument("--pixels", choices=["auto", "uint16", "float32"], default="auto",
+                          help="stored [0, 1] pixels: auto = uint8 where lossless (8-bit sources), else uint16; float32 = exact")
+    optimize.add_argument("--workers", type=int, default=1, help="processes writing chunks")
+    optimize.add_argument("--chunk-bytes", default="64MB", help="size of a chunk file")
+    optimize.add_argument("--compression", choices=["zstd"], default=None, help="compress the chunks (needs zstd)")
+    optimize.add_argument("--overwrite", action="store_true", help="redo the splits already written")
     commands = parser.add_subcommands(required=True, dest="command")
     commands.add_subcommand("check", check, help="check every task's files, labels, masks and boxes")
+    commands.add_subcommand("optimize", optimize, help="write every task's data as litdata chunks for streaming")
     return parser
+
+
+def _select(tasks: list[Any], names: list[str] | None, command: str) -> list[Any] | None:
+    """The tasks named by ``--tasks`` (all without it); None after printing an error."""
+    if not names:
+        return tasks
+    unknown = sorted(set(names) - {t.name for t in tasks})
+    if unknown:
+        print(f"umedpt data {command}: unknown tasks {unknown}; the config has {[t.name for t in tasks]}", file=sys.stderr)
+        return None
+    return [t for t in tasks if t.name in names]
+
+
+def optimize(options: Any) -> int:
+    """``umedpt data optimize``: every selected task's splits as litdata chunks, and streaming.yaml."""
+    import yaml
+
+    try:
+        from umedpt.data import streaming
+    except ImportError as err:
+        print(f"umedpt data optimize: {err}", file=sys.stderr)
+        return 2
+    from umedpt.data.datamodule import MultiTaskDataModule
+    from umedpt.tasks import as_task
+
+    try:
+        specs, defaults = load_task_specs(options.config)
+        tasks = [as_task(t) for t in specs]
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"umedpt data optimize: {err}", file=sys.stderr)
+        return 2
+    selected = _select(tasks, options.tasks, "optimize")
+    if selected is None:
+        return 2
+    # the same datasets as training, with its data checks (a split with errors stops here)
+    data_module = MultiTaskDataModule(tasks=selected, num_workers=0, dataset_defaults=defaults)
+    out = str(options.out)
+    for task in selected:
+        streaming.optimize_task(
+            task, lambda split, task=task: data_module.build_dataset(task, split), out, options.splits,
+            pixels=options.pixels, num_workers=options.workers, chunk_bytes=options.chunk_bytes,
+            compression=options.compression, overwrite=options.overwrite,
+        )  # fmt: skip
+    names = {t.name for t in selected}
+    streamed = []
+    for spec, task in zip(specs, tasks, strict=True):
+        spec = dict(spec)
+        if task.name in names:
+            spec["data"] = {"class_path": "umedpt.data.streaming.StreamingTaskDataset",
+                            "init_args": {"input_dir": streaming.task_folder(out, task.name)}}  # fmt: skip
+        streamed.append(spec)
+    text = ("# written by `umedpt data optimize`: the tasks of " + " + ".join(options.config) + " streamed from "
+            f"{out}\n# umedpt fit " + " ".join(f"-c {c}" for c in options.config) + " -c <this file>\n")  # fmt: skip
+    text += yaml.safe_dump({"model": {"tasks": streamed}}, sort_keys=False)
+    config = streaming.task_folder(out, "streaming.yaml")
+    streaming.write_text(config, text)
+    print(f"{len(selected)} task(s) optimized into {out}; train on them with: umedpt fit "
+          + " ".join(f"-c {c}" for c in options.config) + f" -c {config}")  # fmt: skip
+    return 0
 
 
 def main(args: list[str]) -> int:
     """Entry point of ``umedpt data ...``; returns the exit status."""
     try:
-        options = _parser().parse_args(args).check
+        parsed = _parser().parse_args(args)
     except SystemExit as exit_:  # the parser exits on --help and on errors
         return int(exit_.code or 0)
+    if parsed.command == "optimize":
+        return optimize(parsed.optimize)
+    options = parsed.check
     try:
         tasks, defaults = load_tasks(options.config)
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"umedpt data check: {err}", file=sys.stderr)
         return 2
-    if options.tasks:
-        unknown = sorted(set(options.tasks) - {t.name for t in tasks})
-        if unknown:
-            print(f"umedpt data check: unknown tasks {unknown}; the config has {[t.name for t in tasks]}",
-                  file=sys.stderr)
-            return 2
-        tasks = [t for t in tasks if t.name in options.tasks]
+    tasks = _select(tasks, options.tasks, "check")
+    if tasks is None:
+        return 2
     reports = [
         check_task(t, defaults, options.splits, deep=not options.quick, show_progress=not options.json)
         for t in tasks

@@ -27,7 +27,7 @@ from umedpt.data.problems import Problem
 from umedpt.data.readers.base import SPLITS, FileDataset
 from umedpt.tasks import Task, as_task
 
-__all__ = ["SplitSummary", "TaskReport", "check_task", "load_tasks"]
+__all__ = ["SplitSummary", "TaskReport", "check_task", "load_task_specs", "load_tasks"]
 
 
 @dataclass
@@ -113,8 +113,9 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
-def load_tasks(configs: Sequence[str | Path]) -> tuple[list[Task], dict[str, Any]]:
-    """The tasks and ``data.dataset_defaults`` of merged config files (``${...}`` resolved)."""
+def load_task_specs(configs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The task specs (``model.tasks``, as written) and ``data.dataset_defaults`` of merged
+    config files (``${...}`` resolved)."""
     from omegaconf import OmegaConf
 
     merged: dict[str, Any] = {}
@@ -130,7 +131,13 @@ def load_tasks(configs: Sequence[str | Path]) -> tuple[list[Task], dict[str, Any
     tasks = model.get("tasks")
     if not tasks:
         raise ValueError(f"no tasks in {[str(c) for c in configs]}: expected a list under model.tasks")
-    return [as_task(t) for t in tasks], dict(data.get("dataset_defaults") or {})
+    return list(tasks), dict(data.get("dataset_defaults") or {})
+
+
+def load_tasks(configs: Sequence[str | Path]) -> tuple[list[Task], dict[str, Any]]:
+    """The tasks and ``data.dataset_defaults`` of merged config files (``${...}`` resolved)."""
+    specs, defaults = load_task_specs(configs)
+    return [as_task(t) for t in specs], defaults
 
 
 def _progress(enabled: bool) -> Any:
@@ -181,6 +188,39 @@ def _inspect_split(dataset: FileDataset, split: str, report: TaskReport, deep: b
     return summary
 
 
+def _inspect_stored(dataset: Any, split: str, report: TaskReport, deep: bool, progress: Any) -> SplitSummary:
+    """A streaming split (:class:`~umedpt.data.streaming.StreamingTaskDataset`): every stored
+    item's targets (``deep``; else the first 32), class balance, sizes and pixel types."""
+    summary = SplitSummary(count=len(dataset), inspected=True)
+    counts = np.zeros(dataset.num_classes, dtype=np.int64)
+    counted = not (dataset.task_kind.dense or dataset.task_kind.image_only)
+    low, high = np.inf, -np.inf
+    total = len(dataset) if deep else min(len(dataset), 32)
+    bar = progress.add_task(f"{report.name} {split}", total=total)
+    for i in range(total):
+        item = dataset.stored_item(i)
+        for problem in dataset.item_problems(item):
+            report.add(split, problem)
+        image = np.asarray(item["image"])
+        summary.sizes[f"{image.shape[0]}x{image.shape[1]}"] += 1
+        summary.channels[image.shape[2] if image.ndim == 3 else 1] += 1
+        summary.dtypes[str(image.dtype)] += 1
+        if "box_labels" in item and len(item["box_labels"]) == 0:
+            summary.no_boxes += 1
+        low, high = min(low, float(image.min())), max(high, float(image.max()))
+        if counted:
+            targets = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+                       for k, v in item.items() if k not in ("image", "index")}  # fmt: skip
+            found = dataset.task_kind.class_counts(targets, dataset.num_classes)
+            if found is not None:
+                counts += found
+        progress.advance(bar)
+    progress.remove_task(bar)
+    summary.class_counts = counts.tolist() if counted else None
+    summary.value_range = (low, high) if np.isfinite(low) else None
+    return summary
+
+
 def check_task(task: Task, dataset_defaults: dict[str, Any], splits: Sequence[str] = SPLITS, deep: bool = True,
                show_progress: bool = False) -> TaskReport:
     """Check every split of ``task`` (``deep``: decode every sample) and return the report."""
@@ -211,6 +251,9 @@ def check_task(task: Task, dataset_defaults: dict[str, Any], splits: Sequence[st
                 info = dataset.describe()
                 report.info[split] = info
                 mappings[split] = info.get("category_mapping")
+            elif callable(getattr(dataset, "stored_item", None)):  # a task optimized for streaming
+                report.splits[split] = _inspect_stored(dataset, split, report, deep, progress)
+                report.info[split] = {"stored": dataset.meta.get("splits", {}).get(split), "input_dir": dataset.input_dir_spec}
             else:
                 report.splits[split] = SplitSummary(count=len(dataset))  # type: ignore[arg-type]
     if len({json.dumps(m, sort_keys=True) for m in mappings.values()}) > 1:

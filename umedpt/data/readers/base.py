@@ -356,6 +356,21 @@ class FileDataset(Dataset):
             targets["boxes"], targets["box_labels"] = case.boxes["boxes"]
         return {"image": case.image, **self.task_kind.case_targets(**targets)}
 
+    def stored(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` before resizing and augmentation, as ``umedpt data optimize`` stores it:
+        ``image`` float32 (H, W, C) in [0, 1] (the normalisation's first step, channels set) and
+        its targets at that size (``label``, ``mask`` class indices, ``boxes`` + ``box_labels``)."""
+        sample = self.raw(int(i))
+        item = self.items[int(i)]
+        out: dict[str, Any] = {"image": self.pipeline.unit(sample.image, sample.meta)}
+        if item.label is not None:
+            out["label"] = item.label
+        if sample.mask is not None:
+            out["mask"] = sample.mask
+        if "boxes" in self.task_kind.target_keys:
+            out["boxes"], out["box_labels"] = item.boxes, item.box_labels
+        return out
+
     # ---------------------------------------------------------------- validation
     def entry_problems(self, i: int) -> list[Problem]:
         """Problems of sample ``i`` found without decoding: missing files, labels, declared boxes."""

@@ -98,6 +98,21 @@ class SyntheticTaskDataset(Dataset):
             _SCENE_CACHE[key] = render_scene(*key)
         return _SCENE_CACHE[key]
 
+    def stored(self, i: int) -> dict[str, Any]:
+        """Item ``i`` as ``umedpt data optimize`` stores it: ``image`` float32 (H, W, C) in [0, 1]
+        and the family's targets (``label``, ``mask`` or ``boxes`` + ``box_labels``)."""
+        scene = self.scene(i)
+        keys = self.task_kind.target_keys
+        out: dict[str, Any] = {"image": self.pipeline.unit(scene.image)}
+        if "mask" in keys:
+            out["mask"] = scene.mask
+        if "boxes" in keys:
+            out["boxes"], out["box_labels"] = scene.boxes, scene.box_labels
+        label = scene.labels.get(self.family)
+        if label is not None:
+            out["label"] = label
+        return out
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         """The case dict of item ``i`` (see the class docstring)."""
         scene = self.scene(i)
