@@ -239,12 +239,16 @@ def test_base_install_provides_every_import():
         return installed
 
     base = closure(project["dependencies"])
-    with_llm = closure(project["dependencies"] + project["optional-dependencies"]["llm"])
-    llm_modules = {root / "umedpt" / "mllm" / name for name in ("llm.py", "unimed.py", "coco_caption.py")}
+    # the modules of an optional extra may import it (they name the extra when it is missing)
+    extra_of = {
+        **{root / "umedpt" / "mllm" / name: "llm" for name in ("llm.py", "unimed.py", "coco_caption.py")},
+        root / "umedpt" / "data" / "streaming.py": "streaming",
+    }
+    with_extra = {e: closure(project["dependencies"] + project["optional-dependencies"][e]) for e in set(extra_of.values())}
     distributions = metadata.packages_distributions()
     missing = []
     for path in sorted((root / "umedpt").rglob("*.py")):
-        installed = with_llm if path in llm_modules else base
+        installed = with_extra[extra_of[path]] if path in extra_of else base
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules = [a.name for a in node.names]

@@ -76,7 +76,7 @@ COMMANDS: dict[str, str] = {
 #: one line per command of :data:`COMMANDS`, for ``--help``
 COMMAND_HELP: dict[str, str] = {
     "probe": "probes (linear, or the task's head) of frozen encoders on held-out tasks (umedpt probe --help)",
-    "data": "check task data before training: umedpt data check -c CONFIG",
+    "data": "check task data (umedpt data check -c CONFIG) or write it as litdata chunks for streaming (umedpt data optimize)",
     "pseudo-label": "cross-task pseudo labels from trained heads into a new manifest (pseudo-IMAX)",
     "mllm-evaluate": "score the generated answers of an MLLM predict run per task and dataset",
     "diagnose": "tug-of-war and Fisher spectrum of the tasks of trained checkpoints (umedpt diagnose --help)",

@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
         "umedpt.data.readers",
     ),
     "Normalization": "umedpt.data.normalize",
+    "StreamingTaskDataset": "umedpt.data.streaming",
     "CaseTransform": "umedpt.data.transforms",
 }
 

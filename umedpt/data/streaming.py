@@ -9,7 +9,8 @@ complete, so an interrupted run redoes only the split it was writing). A stored 
 - ``image``: the sample scaled to [0, 1] by its reader's normalisation (its ``to_unit`` step,
   channels set), as ``uint8`` when that loses nothing (8-bit sources), else ``uint16``
   (steps of 1/65535), or ``float32`` (``pixels="float32"``: exact);
-- its targets at the stored size (``label``, ``mask``, ``boxes`` + ``box_labels``, or a plug-in
+- its targets at the stored size (``label``; ``mask`` as ``uint8`` when its class indices and
+  ``ignore_index`` fit, else ``uint16`` / ``int32``; ``boxes`` + ``box_labels``; or a plug-in
   kind's keys) and ``index``, the sample's index in its source split.
 
 :class:`StreamingTaskDataset` (a ``litdata.StreamingDataset``) reads them back through the same
@@ -125,8 +126,12 @@ def encode_sample(sample: Mapping[str, Any], index: int, pixels: Pixels = "auto"
         value = np.asarray(value)
         if key == "boxes":
             value = value.astype(np.float32).reshape(-1, 4)
-        elif key in ("box_labels", "mask"):
+        elif key == "box_labels":
             value = value.astype(np.int64)
+        elif key == "mask":  # class indices and ignore_index: the smallest type that holds them
+            low, high = (int(value.min()), int(value.max())) if value.size else (0, 0)
+            dtype = np.int32 if low < 0 else np.uint8 if high < 256 else np.uint16 if high < 65536 else np.int32
+            value = value.astype(dtype)
         item[key] = value
     return item
 
