@@ -186,14 +186,15 @@ def test_data_check_finds_bad_stored_targets_and_a_missing_split(tmp_path, capsy
     assert any("split 'val' was not optimized" in m and "--splits val" in m for m in problems), problems
 
 
-def streamed_modules(root: Path, tasks_per_step: int | None, init_seed: int = 0, **kw: Any) -> tuple[MultiTaskModule, MultiTaskDataModule]:
+def streamed_modules(root: Path, tasks_per_step: int | None, init_seed: int = 0, workers: int = 0,
+                     **kw: Any) -> tuple[MultiTaskModule, MultiTaskDataModule]:  # fmt: skip
     torch.manual_seed(init_seed)
     tasks = mixed_tasks(batch_size=4)
     for task in tasks:
         task.data = {"class_path": "umedpt.data.streaming.StreamingTaskDataset", "init_args": {"input_dir": str(root / task.name)}}
     encoder = {**TINY_ENCODER, "model_kwargs": {**TINY_ENCODER["model_kwargs"], "drop_path_rate": 0.2}}
     model = MultiTaskModule(tasks=tasks, encoder=SwinEncoder(**encoder), export_encoder=False, tasks_per_step=tasks_per_step, **kw)
-    data = MultiTaskDataModule(tasks=tasks, num_workers=0, dataset_defaults={"image_size": 64, "transform": "ct"},
+    data = MultiTaskDataModule(tasks=tasks, num_workers=workers, dataset_defaults={"image_size": 64, "transform": "ct"},
                                tasks_per_step=tasks_per_step)  # fmt: skip
     return model, data
 
@@ -226,22 +227,22 @@ class StopAfterStep:
         return _Stop()
 
 
-@pytest.mark.parametrize("tasks_per_step", [None, 2])
-def test_streamed_fit_resumed_mid_epoch_equals_the_uninterrupted_fit(tmp_path, streamed, tasks_per_step):
+@pytest.mark.parametrize(("tasks_per_step", "workers"), [(None, 0), (2, 0), (2, 2)])
+def test_streamed_fit_resumed_mid_epoch_equals_the_uninterrupted_fit(tmp_path, streamed, tasks_per_step, workers):
     """litdata loaders' positions travel in the checkpoint: resumed at step 7 of 13 (mid-epoch,
     after a short task cycled), the weights equal the uninterrupted run's bit for bit, with
-    augmentation and stochastic depth on."""
-    full, data = streamed_modules(streamed, tasks_per_step)
+    augmentation and stochastic depth on, in the main process or with 2 workers per task."""
+    full, data = streamed_modules(streamed, tasks_per_step, workers=workers)
     quiet_trainer(default_root_dir=tmp_path / "full", max_steps=13).fit(full, data)
     ckpt = tmp_path / "mid.ckpt"
-    first, data = streamed_modules(streamed, tasks_per_step)
+    first, data = streamed_modules(streamed, tasks_per_step, workers=workers)
     quiet_trainer(default_root_dir=tmp_path / "first", max_steps=13, callbacks=[StopAfterStep(7, ckpt)]).fit(first, data)
     assert first.global_step == 7
     states = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert any("num_samples_yielded" in s for s in states), states
 
     torch.manual_seed(999)
-    resumed, data = streamed_modules(streamed, tasks_per_step, init_seed=123)
+    resumed, data = streamed_modules(streamed, tasks_per_step, init_seed=123, workers=workers)
     quiet_trainer(default_root_dir=tmp_path / "resumed", max_steps=13).fit(resumed, data, ckpt_path=ckpt)
     assert resumed.global_step == full.global_step == 13
     want, got = full.state_dict(), resumed.state_dict()
@@ -312,3 +313,13 @@ def test_killed_streamed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_
     exported = [root / "lightning_logs" / "version_0" / "encoder" / "model.safetensors" for root in
                 (tmp_path / "whole", tmp_path / "killed")]  # fmt: skip
     assert exported[0].read_bytes() == exported[1].read_bytes()
+
+
+def test_a_folder_not_written_by_optimize_is_refused_with_the_command_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"umedpt.json not found: .* is not a task folder written by `umedpt data optimize`"):
+        StreamingTaskDataset(str(tmp_path / "nothing"), split="train")
+    data = MultiTaskDataModule(tasks=[Task(name="t", kind="classification", num_classes=2, data={
+        "class_path": "umedpt.data.streaming.StreamingTaskDataset", "init_args": {"input_dir": str(tmp_path / "nothing")}})])  # fmt: skip
+    with pytest.raises(Exception, match=r"task 't' \(train split\): .*umedpt.json not found") as info:
+        data.setup("fit")
+    assert isinstance(info.value.__cause__, FileNotFoundError)
