@@ -81,24 +81,15 @@ def rank_batch(task_list: list[Task], rank: int, step: int) -> dict[str, dict[st
     }
 
 
-def main(out: Path, max_steps: int) -> None:
-    # imported here so that the test can import ``rank_batch`` without the Lightning stack
+def recorder_class() -> type:
+    """The callback each rank records with: comm-hook calls per optimizer step and the buckets
+    they reduced, the first step's gradients, the initial and final weights and
+    ``record.json`` (:meth:`record`). Lightning is imported here so that a test can import this
+    module without it."""
     from lightning import Callback, Trainer
-    from lightning.pytorch.strategies import DDPStrategy
-    from lightning.pytorch.utilities import CombinedLoader
     from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader
-
-    class SyncEveryBackward(DDPStrategy):
-        """DDP with ``no_sync`` disabled: every backward all-reduces (the contrast)."""
-
-        @contextmanager
-        def block_backward_sync(self) -> Iterator[None]:
-            yield None
 
     class Recorder(Callback):
-        """Comm-hook calls per optimizer step; first-step gradients; initial weights."""
-
         def __init__(self, folder: Path) -> None:
             self.folder = folder
             self.calls_per_step: list[int] = []
@@ -129,7 +120,10 @@ def main(out: Path, max_steps: int) -> None:
 
         def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
             torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.folder / "final.pt")
-            record = {
+            (self.folder / "record.json").write_text(json.dumps(self.record(trainer, pl_module)))
+
+        def record(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
+            return {
                 "calls_per_step": self.calls_per_step,
                 "bucket_numels": self.bucket_numels,
                 "num_params": sum(p.numel() for p in pl_module.parameters()),
@@ -138,7 +132,23 @@ def main(out: Path, max_steps: int) -> None:
                 "global_rank": trainer.global_rank,
                 "global_step": trainer.global_step,
             }
-            (self.folder / "record.json").write_text(json.dumps(record))
+
+    return Recorder
+
+
+def main(out: Path, max_steps: int) -> None:
+    # imported here so that the test can import ``rank_batch`` without the Lightning stack
+    from lightning import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.utilities import CombinedLoader
+    from torch.utils.data import DataLoader
+
+    class SyncEveryBackward(DDPStrategy):
+        """DDP with ``no_sync`` disabled: every backward all-reduces (the contrast)."""
+
+        @contextmanager
+        def block_backward_sync(self) -> Iterator[None]:
+            yield None
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
@@ -171,7 +181,7 @@ def main(out: Path, max_steps: int) -> None:
             limit_val_batches=0,
             use_distributed_sampler=False,
             default_root_dir=str(folder),
-            callbacks=[Recorder(folder)],
+            callbacks=[recorder_class()(folder)],
         )
         # a different seed per rank: DDP must broadcast rank 0's weights
         options = {

@@ -9,14 +9,13 @@ wrote (``umedpt data optimize``), so every rank reads its own share of each task
 Writes ``<out>/rank<r>/``: ``initial.pt`` (weights when training starts, after DDP's broadcast),
 ``batches.pt`` (the batches this rank trained on, step by step), ``grads.pt`` (the gradients
 before the first optimizer step) and ``record.json`` (comm-hook calls per optimizer step, world
-size, node rank, the environment Lightning detected).
+size, node rank, the environment Lightning detected): the recorder of ``tests/ddp_worker.py``.
 
 Usage: ``python -m tests.multinode_worker OUT_DIR STREAM_DIR MAX_STEPS``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,22 +24,13 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
 from tests.conftest import TINY_ENCODER, mixed_tasks  # noqa: E402
+from tests.ddp_worker import recorder_class  # noqa: E402
 from umedpt import MultiTaskModule, SwinEncoder, Task  # noqa: E402
 
 NUM_NODES = 2
 BATCH_SIZE = 2
-HOOK_CALLS: list[int] = []
-
-
-def counting_allreduce(state, bucket):  # unannotated: DDP rejects string annotations here
-    """DDP comm hook: record the call, then DDP's default all-reduce (sum / world size)."""
-    HOOK_CALLS.append(int(bucket.buffer().numel()))
-    return default_hooks.allreduce_hook(state, bucket)
-
-
 def streamed_tasks(stream: Path) -> list[Task]:
     """The tiny mix of four kinds, each task read from its optimized folder."""
     tasks = mixed_tasks(batch_size=BATCH_SIZE)
@@ -57,9 +47,8 @@ def build_model(tasks: list[Task], seed: int) -> MultiTaskModule:
 
 
 def main(out: Path, stream: Path, max_steps: int) -> None:
-    from lightning import Callback, Trainer
+    from lightning import Trainer
     from lightning.pytorch.strategies import DDPStrategy
-    from torch.nn.parallel import DistributedDataParallel
 
     from umedpt.data import MultiTaskDataModule
 
@@ -67,44 +56,24 @@ def main(out: Path, stream: Path, max_steps: int) -> None:
     folder = out / f"rank{rank}"
     folder.mkdir(parents=True, exist_ok=True)
 
-    class Recorder(Callback):
-        def __init__(self) -> None:
-            self.calls_per_step: list[int] = []
+    class Recorder(recorder_class()):
+        """The DDP test's recorder, also keeping the batches and the environment Lightning found."""
+
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder)
             self.batches: list[dict[str, Any]] = []
-            self.start = 0
-
-        def on_fit_start(self, trainer: Trainer, pl_module: MultiTaskModule) -> None:
-            ddp = trainer.strategy.model
-            assert isinstance(ddp, DistributedDataParallel), type(ddp)
-            ddp.register_comm_hook(state=None, hook=counting_allreduce)
-
-        def on_train_start(self, trainer: Trainer, pl_module: MultiTaskModule) -> None:
-            torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, folder / "initial.pt")
 
         def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            self.start = len(HOOK_CALLS)
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             self.batches.append(batch)
 
-        def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
-            self.calls_per_step.append(len(HOOK_CALLS) - self.start)
-            if trainer.global_step == 0:
-                grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-                torch.save(grads, folder / "grads.pt")
-
         def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-            torch.save(self.batches, folder / "batches.pt")
-            env = trainer.strategy.cluster_environment
-            record = {
-                "calls_per_step": self.calls_per_step,
-                "global_rank": trainer.global_rank,
-                "world_size": trainer.world_size,
-                "node_rank": trainer.node_rank,
-                "num_nodes": trainer.num_nodes,
-                "environment": type(env).__name__,
-                "global_step": trainer.global_step,
-                "group_rank": os.environ.get("GROUP_RANK"),
-            }
-            (folder / "record.json").write_text(json.dumps(record))
+            torch.save(self.batches, self.folder / "batches.pt")
+            super().on_train_end(trainer, pl_module)
+
+        def record(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
+            return {**super().record(trainer, pl_module), "node_rank": trainer.node_rank, "num_nodes": trainer.num_nodes,
+                    "environment": type(trainer.strategy.cluster_environment).__name__}  # fmt: skip
 
     torch.set_num_threads(1)
     tasks = streamed_tasks(stream)
@@ -121,7 +90,7 @@ def main(out: Path, stream: Path, max_steps: int) -> None:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(folder),
-        callbacks=[Recorder()],
+        callbacks=[Recorder(folder)],
     )
     data = MultiTaskDataModule(tasks=tasks, num_workers=0, dataset_defaults={"image_size": 64})
     # a different seed per rank: DDP must broadcast rank 0's weights

@@ -271,12 +271,10 @@ def test_killed_streamed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_
     resume with ``--ckpt_path last``: the final weights and the exported encoder equal those of
     an uninterrupted run bit for bit."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    from tests.test_train import KILL_CONFIG
+    from tests.test_train import KILL_CONFIG, assert_killed_fit_resumes_exactly
 
     out = tmp_path / "stream"
     override = tmp_path / "kill.yaml"
@@ -290,29 +288,7 @@ def test_killed_streamed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_
         return [sys.executable, "-m", "umedpt", "fit", "-c", str(CONF), "-c", str(override), "-c", str(out / "streaming.yaml"),
                 "--checkpoint_every", "3", "--trainer.default_root_dir", str(root), *extra]  # fmt: skip
 
-    subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
-    run = tmp_path / "killed" / "lightning_logs" / "version_0" / "checkpoints"
-    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (run / "last.ckpt").exists():
-        assert proc.poll() is None, "the run ended before its first periodic checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = torch.load(run / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
-    assert step < 18 and step % 10 != 0, step  # killed mid-epoch (40 samples / batch 4 = 10 steps)
-
-    done = subprocess.run(command(tmp_path / "killed", "--ckpt_path", "last"), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    whole = torch.load(tmp_path / "whole" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    resumed = torch.load(run / "last.ckpt", weights_only=True)
-    assert whole["global_step"] == resumed["global_step"] == 18
-    for key, value in whole["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][key], value), key
-    exported = [root / "lightning_logs" / "version_0" / "encoder" / "model.safetensors" for root in
-                (tmp_path / "whole", tmp_path / "killed")]  # fmt: skip
-    assert exported[0].read_bytes() == exported[1].read_bytes()
+    assert_killed_fit_resumes_exactly(tmp_path, command, env)
 
 
 def test_a_folder_not_written_by_optimize_is_refused_with_the_command_to_run(tmp_path):

@@ -180,23 +180,15 @@ data:
 """
 
 
-def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    """SIGKILL a real ``lightning fit`` process right after its first periodic checkpoint
-    (mid-epoch), resume it with ``--ckpt_path last``: the final weights equal, bit for bit, those
-    of a run that was never interrupted (stochastic depth and a random task subset per step)."""
+def assert_killed_fit_resumes_exactly(tmp_path: Path, command: Any, env: dict[str, str]) -> None:
+    """Run ``command(root, *extra)`` (a ``umedpt fit`` of 18 steps, 10 per epoch, a periodic
+    checkpoint every 3) uninterrupted; run it again, SIGKILL it right after its first periodic
+    checkpoint (mid-epoch) and resume it with ``--ckpt_path last``: the final weights and the
+    exported encoder must equal the uninterrupted run's, bit for bit."""
     import signal
     import time
 
-    override = tmp_path / "kill.yaml"
-    override.write_text(KILL_CONFIG)
-
-    def command(root: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "umedpt", "fit", "-c", str(CONF), "-c", str(override),
-                "--checkpoint_every", "3", "--trainer.default_root_dir", str(root), *extra]
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
-
     run = tmp_path / "killed" / "lightning_logs" / "version_0" / "checkpoints"
     proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -221,6 +213,20 @@ def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     exported = [root / "lightning_logs" / "version_0" / "encoder" / "model.safetensors" for root in
                 (tmp_path / "whole", tmp_path / "killed")]
     assert exported[0].read_bytes() == exported[1].read_bytes()
+
+
+def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL a real ``lightning fit`` process right after its first periodic checkpoint
+    (mid-epoch), resume it with ``--ckpt_path last``: the final weights equal, bit for bit, those
+    of a run that was never interrupted (stochastic depth and a random task subset per step)."""
+    override = tmp_path / "kill.yaml"
+    override.write_text(KILL_CONFIG)
+
+    def command(root: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "umedpt", "fit", "-c", str(CONF), "-c", str(override),
+                "--checkpoint_every", "3", "--trainer.default_root_dir", str(root), *extra]
+
+    assert_killed_fit_resumes_exactly(tmp_path, command, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")

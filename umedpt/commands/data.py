@@ -30,7 +30,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
-from umedpt.data.check import SPLITS, TaskReport, check_task, load_task_specs, load_tasks
+from umedpt.data.check import SPLITS, TaskReport, check_task, load_task_specs
 from umedpt.kinds import get_kind
 
 __all__ = ["main", "print_reports"]
@@ -132,15 +132,23 @@ def _parser() -> ArgumentParser:
     return parser
 
 
-def _select(tasks: list[Any], names: list[str] | None, command: str) -> list[Any] | None:
-    """The tasks named by ``--tasks`` (all without it); None after printing an error."""
-    if not names:
-        return tasks
-    unknown = sorted(set(names) - {t.name for t in tasks})
+def _load(options: Any, command: str) -> tuple[list[dict[str, Any]], list[Any], list[Any], dict[str, Any]] | None:
+    """The config's task specs, its tasks, those named by ``--tasks`` (all without it) and its
+    ``dataset_defaults``; None after printing what is wrong."""
+    from umedpt.tasks import as_task
+
+    try:
+        specs, defaults = load_task_specs(options.config)
+        tasks = [as_task(t) for t in specs]
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"umedpt data {command}: {err}", file=sys.stderr)
+        return None
+    unknown = sorted(set(options.tasks or []) - {t.name for t in tasks})
     if unknown:
         print(f"umedpt data {command}: unknown tasks {unknown}; the config has {[t.name for t in tasks]}", file=sys.stderr)
         return None
-    return [t for t in tasks if t.name in names]
+    selected = [t for t in tasks if t.name in options.tasks] if options.tasks else tasks
+    return specs, tasks, selected, defaults
 
 
 def optimize(options: Any) -> int:
@@ -153,17 +161,11 @@ def optimize(options: Any) -> int:
         print(f"umedpt data optimize: {err}", file=sys.stderr)
         return 2
     from umedpt.data.datamodule import MultiTaskDataModule
-    from umedpt.tasks import as_task
 
-    try:
-        specs, defaults = load_task_specs(options.config)
-        tasks = [as_task(t) for t in specs]
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        print(f"umedpt data optimize: {err}", file=sys.stderr)
+    loaded = _load(options, "optimize")
+    if loaded is None:
         return 2
-    selected = _select(tasks, options.tasks, "optimize")
-    if selected is None:
-        return 2
+    specs, tasks, selected, defaults = loaded
     # the same datasets as training, with its data checks (a split with errors stops here)
     data_module = MultiTaskDataModule(tasks=selected, num_workers=0, dataset_defaults=defaults)
     out = str(options.out)
@@ -200,14 +202,10 @@ def main(args: list[str]) -> int:
     if parsed.command == "optimize":
         return optimize(parsed.optimize)
     options = parsed.check
-    try:
-        tasks, defaults = load_tasks(options.config)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        print(f"umedpt data check: {err}", file=sys.stderr)
+    loaded = _load(options, "check")
+    if loaded is None:
         return 2
-    tasks = _select(tasks, options.tasks, "check")
-    if tasks is None:
-        return 2
+    _, _, tasks, defaults = loaded
     reports = [
         check_task(t, defaults, options.splits, deep=not options.quick, show_progress=not options.json)
         for t in tasks
