@@ -227,19 +227,24 @@ class StopAfterStep:
         return _Stop()
 
 
-@pytest.mark.parametrize(("tasks_per_step", "workers"), [(None, 0), (2, 0), (2, 2)])
-def test_streamed_fit_resumed_mid_epoch_equals_the_uninterrupted_fit(tmp_path, streamed, tasks_per_step, workers):
+@pytest.mark.parametrize(("tasks_per_step", "workers", "stop"), [(None, 0, 7), (2, 0, 7), (2, 2, 7), (None, 0, 5), (2, 0, 10)])
+def test_streamed_fit_resumed_mid_epoch_equals_the_uninterrupted_fit(tmp_path, streamed, tasks_per_step, workers, stop):
     """litdata loaders' positions travel in the checkpoint: resumed at step 7 of 13 (mid-epoch,
-    after a short task cycled), the weights equal the uninterrupted run's bit for bit, with
-    augmentation and stochastic depth on, in the main process or with 2 workers per task."""
+    after a short task cycled) or at the end of an epoch (steps 5 and 10: the short task is
+    part-way through a pass, the next epoch starts a new one), the weights equal the
+    uninterrupted run's bit for bit, with augmentation and stochastic depth on, in the main
+    process or with 2 workers per task."""
     full, data = streamed_modules(streamed, tasks_per_step, workers=workers)
     quiet_trainer(default_root_dir=tmp_path / "full", max_steps=13).fit(full, data)
     ckpt = tmp_path / "mid.ckpt"
     first, data = streamed_modules(streamed, tasks_per_step, workers=workers)
-    quiet_trainer(default_root_dir=tmp_path / "first", max_steps=13, callbacks=[StopAfterStep(7, ckpt)]).fit(first, data)
-    assert first.global_step == 7
+    quiet_trainer(default_root_dir=tmp_path / "first", max_steps=13, callbacks=[StopAfterStep(stop, ckpt)]).fit(first, data)
+    assert first.global_step == stop
     states = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert any("num_samples_yielded" in s for s in states), states
+    positions = {s["dataset"]["input_dir_path"].split("/")[-2]: s["num_samples_yielded"] for s in states if "dataset" in s}
+    assert len(positions) == 4 and all("lightning_epoch" in s for s in states if "dataset" in s), states
+    if stop == 5:
+        assert 0 < positions["xr_grade"] < 8, positions  # the short task part-way through a pass at the epoch's end
 
     torch.manual_seed(999)
     resumed, data = streamed_modules(streamed, tasks_per_step, init_seed=123, workers=workers)

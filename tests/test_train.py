@@ -127,11 +127,12 @@ class StopAfterStep(Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("tasks_per_step", [None, 2])
-def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, tasks_per_step):
-    """Resumed from a checkpoint written mid-epoch, the run is bitwise the uninterrupted one: the
-    training loaders continue their passes (a short task has cycled by then) and the task subsets
-    continue from the step within the epoch."""
+@pytest.mark.parametrize(("tasks_per_step", "stop"), [(None, 7), (2, 7), (2, 5)])
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, tasks_per_step, stop):
+    """Resumed from a checkpoint written mid-epoch (step 7) or after an epoch's last step (step 5),
+    the run is bitwise the uninterrupted one: the training loaders continue their passes (a
+    short task has cycled by then) and the task subsets continue from the step within the epoch
+    (after the last step: from the next epoch's first)."""
 
     def build_uneven(init_seed: int = 0) -> tuple[MultiTaskModule, MultiTaskDataModule]:
         torch.manual_seed(init_seed)
@@ -153,8 +154,8 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, tasks_per_step):
     trainer(tmp_path / "full", max_steps=13).fit(full, data)  # epochs of 5 steps
     ckpt = tmp_path / "mid.ckpt"
     first, data = build_uneven()
-    trainer(tmp_path / "first", max_steps=13, callbacks=[StopAfterStep(7, ckpt)]).fit(first, data)
-    assert first.global_step == 7 and 7 % 5 != 0  # stopped in the middle of the second epoch
+    trainer(tmp_path / "first", max_steps=13, callbacks=[StopAfterStep(stop, ckpt)]).fit(first, data)
+    assert first.global_step == stop
 
     torch.manual_seed(999)
     resumed, data = build_uneven(init_seed=123)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -168,7 +169,8 @@ def optimize(options: Any) -> int:
     specs, tasks, selected, defaults = loaded
     # the same datasets as training, with its data checks (a split with errors stops here)
     data_module = MultiTaskDataModule(tasks=selected, num_workers=0, dataset_defaults=defaults)
-    out = str(options.out)
+    # streaming.yaml names each task's folder: absolute, so that fit may run from any folder
+    out = str(options.out) if "://" in str(options.out) else str(Path(options.out).resolve())
     for task in selected:
         streaming.optimize_task(
             task, lambda split, task=task: data_module.build_dataset(task, split), out, options.splits,

@@ -200,8 +200,11 @@ class TaskSubsetLoader(CombinedLoader):
         return self
 
     def _state_dicts(self) -> list[dict[str, Any]]:
-        # the per-task loaders' positions, then the step within the epoch (the next subset draw)
-        index = self._iterator._idx if isinstance(self._iterator, _SubsetCycle) else 0
+        # the per-task loaders' positions, then the step within the epoch (the next subset draw);
+        # after the epoch's last step the next draw is the next epoch's first: 0, not the length
+        # (resumed at the length, the epoch would end at once and the run skip an epoch's draws)
+        iterator = self._iterator
+        index = iterator._idx if isinstance(iterator, _SubsetCycle) and iterator._idx < len(iterator) else 0
         return [*super()._state_dicts(), {"task_subset_index": index}]
 
     def _load_state_dicts(self, states: list[dict[str, Any]]) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from umedpt.data.case import CasePipeline
 from umedpt.data.loading import seeded_generator
@@ -460,33 +461,75 @@ class StreamingTaskDataset(StreamingDataset):
         )  # fmt: skip
 
 
-class TaskStreamLoader(StreamingDataLoader):
-    """litdata's ``StreamingDataLoader`` whose next pass after a resumed one starts a new epoch.
+class _EpochSampler(_InfiniteConstantSampler):
+    """The sampler slot of a :class:`TaskStreamLoader`: Lightning calls ``set_epoch`` on a
+    loader's sampler before each epoch; this one keeps the epoch for the loader (and for
+    :class:`~umedpt.data.loading.TaskSubsetLoader`, which draws its task subsets by epoch)."""
 
-    After ``load_state_dict`` litdata keeps replaying the loaded position until one pass has run
-    to its end. Lightning ends a training epoch after as many batches as the loader's length
-    without asking the iterator for one more, so a resumed pass never "ends" and every later
-    epoch would replay the resumed one (the same pitfall as litData issue #770). Here a resumed
-    position is used by the first pass after loading it only. And a pass counts as begun when
-    the loader is iterated (Lightning does so for every task at the start of each epoch), not at
-    its first batch, which a task drawn at random (``tasks_per_step``) may take much later.
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class TaskStreamLoader(StreamingDataLoader):
+    """litdata's ``StreamingDataLoader`` that resumes where Lightning's epochs say it should.
+
+    litdata's loader knows its own passes, not Lightning's epochs. Three things make a resumed
+    fit continue exactly as the uninterrupted one:
+
+    - it knows Lightning's epoch (``sampler.set_epoch``, which Lightning calls before every
+      epoch) and stores it in its state; a position loaded from a checkpoint written at the end
+      of an epoch is dropped when the next epoch starts, as the uninterrupted run starts a new
+      pass there (a task that cycles within an epoch is part-way through a pass at its end);
+    - a loaded position is used by the first pass after loading only: after ``load_state_dict``
+      litdata replays it until a pass runs to its end, and Lightning ends an epoch after the
+      loader's length without asking for one more batch, so every later epoch would replay it
+      (the pitfall of litData issue #770);
+    - when Lightning iterates the loader at the start of an epoch, its position reads "nothing
+      served in this pass" from then on, not only from the task's first batch: with
+      ``tasks_per_step`` a task may not be drawn for a while, and a checkpoint written in between
+      must not continue the previous epoch's pass.
     """
 
     _resume_pending = False
+    _resumed_epoch: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # DataLoader refuses a sampler for iterable datasets and guards the attribute afterwards;
+        # batches still come from its own batch sampler, this object only takes the epoch
+        object.__setattr__(self, "sampler", _EpochSampler())
+
+    @property
+    def epoch(self) -> int:
+        """Lightning's epoch, as last set by ``sampler.set_epoch``."""
+        return self.sampler.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lightning_epoch"] = self._resumed_epoch if self._resume_pending else self.epoch
+        return state
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         super().load_state_dict(obj)
         self._resume_pending = bool(self.restore)
+        self._resumed_epoch = obj.get("lightning_epoch")
 
     def __iter__(self) -> Any:
-        if self.restore and not self._resume_pending:
-            self.restore = False  # the resumed pass was left at the epoch's end: this one is new
-        self._resume_pending = False
-        if not self.restore:
-            # a new pass from now on, not from its first batch: a checkpoint written before that
-            # batch (a task not drawn since the epoch began) must not continue the previous pass
-            self._num_samples_yielded_streaming = 0
+        if self._resume_pending:
+            return self._resumed_pass()
+        self.restore = False
+        self._num_samples_yielded_streaming = 0
         return super().__iter__()
+
+    def _resumed_pass(self) -> Any:
+        # decided at the first batch: a resumed fit creates its iterator before Lightning sets the epoch
+        self._resume_pending = False
+        if self._resumed_epoch is not None and self._resumed_epoch != self.epoch:
+            self.restore = False
+            self._num_samples_yielded_streaming = 0
+        yield from super().__iter__()
 
 
 def _scalar(value: Any) -> Any:
