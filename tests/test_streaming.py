@@ -304,3 +304,61 @@ def test_a_folder_not_written_by_optimize_is_refused_with_the_command_to_run(tmp
     with pytest.raises(Exception, match=r"task 't' \(train split\): .*umedpt.json not found") as info:
         data.setup("fit")
     assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_stored_targets_keep_their_values_in_the_smallest_type():
+    from umedpt.data.streaming import encode_sample
+
+    image = np.zeros((4, 4, 1), np.float32)
+    mask = np.array([[0, 1], [255, 2]])
+    assert encode_sample({"image": image, "mask": mask}, 0)["mask"].dtype == np.uint8
+    wide = np.array([[0, 300], [65535, 2]])
+    assert encode_sample({"image": image, "mask": wide}, 0)["mask"].dtype == np.uint16
+    assert np.array_equal(encode_sample({"image": image, "mask": wide * 2}, 0)["mask"], wide * 2)
+    empty = encode_sample({"image": image, "boxes": None, "box_labels": None}, 3)
+    assert empty["boxes"].shape == (0, 4) and empty["box_labels"].shape == (0,) and empty["index"] == 3
+    assert encode_sample({"image": np.full((2, 2, 3), 0.5, np.float32)}, 0)["image"].dtype == np.uint16
+    assert encode_sample({"image": np.full((2, 2, 3), 128 / 255, np.float32)}, 0)["image"].dtype == np.uint8
+
+
+def test_a_changed_task_is_refused_unless_overwritten(tmp_path):
+    task = Task(name="xr_grade", kind="classification", num_classes=3,
+                data={"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": "radiograph", "family": "grade"}})  # fmt: skip
+
+    def dataset(channels: int):
+        return lambda split: SyntheticTaskDataset("radiograph", "grade", split=split, num_samples=4, image_size=32, channels=channels)
+
+    optimize_task(task, dataset(3), tmp_path, ("train", "val"), log=lambda _: None)
+    with pytest.raises(ValueError, match=r"no longer matches .*channels: stored 3, now 1.*--overwrite"):
+        optimize_task(task, dataset(1), tmp_path, ("test",), log=lambda _: None)
+    meta = optimize_task(task, dataset(1), tmp_path, ("val",), overwrite=True, log=lambda _: None)
+    assert meta["channels"] == 1 and sorted(meta["splits"]) == ["val"]
+    assert not (tmp_path / "xr_grade" / "train").exists()  # written as 3 channels: removed
+    case = StreamingTaskDataset(str(tmp_path / "xr_grade"), split="val", image_size=32)[0]
+    assert case["image"].shape == (1, 32, 32)
+
+
+def test_streaming_yaml_keeps_reading_options_and_earlier_tasks(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    spec = yaml.safe_load(CONF.read_text())
+    spec["model"]["tasks"][0]["data"]["init_args"]["image_size"] = 48
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "stream"
+    assert data_main(["optimize", "-c", str(config), "--out", str(out), "--tasks", "xr_grade", "--splits", "val"]) == 0
+    assert "['fl_objects', 'ct_seg', 'xr_det'] not optimized" in capsys.readouterr().out
+    tasks = {t["name"]: t for t in yaml.safe_load((out / "streaming.yaml").read_text())["model"]["tasks"]}
+    assert tasks["xr_grade"]["data"]["init_args"] == {"input_dir": str(out / "xr_grade"), "image_size": 48}
+    assert tasks["ct_seg"]["data"]["class_path"] == "umedpt.data.synthetic.SyntheticTaskDataset"
+    # a later run for another task keeps the first one streamed
+    assert data_main(["optimize", "-c", str(config), "--out", str(out), "--tasks", "ct_seg", "--splits", "val"]) == 0
+    tasks = {t["name"]: t for t in yaml.safe_load((out / "streaming.yaml").read_text())["model"]["tasks"]}
+    assert [n for n, t in tasks.items() if t["data"]["class_path"].endswith("StreamingTaskDataset")] == ["xr_grade", "ct_seg"]
+
+
+def test_optimize_reports_a_task_whose_data_is_wrong_and_exits_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    spec = yaml.safe_load(CONF.read_text())
+    spec["model"]["tasks"][0]["num_classes"] = 5  # the radiograph grade has 3
+    config.write_text(yaml.safe_dump(spec))
+    assert data_main(["optimize", "-c", str(config), "--out", str(tmp_path / "s"), "--tasks", "xr_grade"]) == 2
+    assert "task 'xr_grade': num_classes=5 but its train dataset has 3 classes" in capsys.readouterr().err

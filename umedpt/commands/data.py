@@ -152,6 +152,18 @@ def _load(options: Any, command: str) -> tuple[list[dict[str, Any]], list[Any], 
     return specs, tasks, selected, defaults
 
 
+#: options of a task's reader that its streaming dataset takes too (chosen when reading)
+STREAMED_OPTIONS = ("image_size", "transform", "resize")
+
+
+def _optimized(streaming: Any, folder: str) -> bool:
+    """Whether ``folder`` is a task folder written by an earlier ``optimize``."""
+    try:
+        return bool(streaming.read_meta(folder).get("splits"))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def optimize(options: Any) -> int:
     """``umedpt data optimize``: every selected task's splits as litdata chunks, and streaming.yaml."""
     import yaml
@@ -172,19 +184,30 @@ def optimize(options: Any) -> int:
     # streaming.yaml names each task's folder: absolute, so that fit may run from any folder
     out = str(options.out) if "://" in str(options.out) else str(Path(options.out).resolve())
     for task in selected:
-        streaming.optimize_task(
-            task, lambda split, task=task: data_module.build_dataset(task, split), out, options.splits,
-            pixels=options.pixels, num_workers=options.workers, chunk_bytes=options.chunk_bytes,
-            compression=options.compression, overwrite=options.overwrite,
-        )  # fmt: skip
+        try:
+            streaming.optimize_task(
+                task, lambda split, task=task: data_module.build_dataset(task, split), out, options.splits,
+                pixels=options.pixels, num_workers=options.workers, chunk_bytes=options.chunk_bytes,
+                compression=options.compression, overwrite=options.overwrite,
+            )  # fmt: skip
+        except (ValueError, TypeError, OSError, RuntimeError) as err:
+            print(f"umedpt data optimize: {err}", file=sys.stderr)
+            return 2
     names = {t.name for t in selected}
-    streamed = []
+    streamed, kept = [], []
     for spec, task in zip(specs, tasks, strict=True):
         spec = dict(spec)
-        if task.name in names:
-            spec["data"] = {"class_path": "umedpt.data.streaming.StreamingTaskDataset",
-                            "init_args": {"input_dir": streaming.task_folder(out, task.name)}}  # fmt: skip
+        folder = streaming.task_folder(out, task.name)
+        if task.name not in names and not _optimized(streaming, folder):
+            kept.append(task.name)  # neither optimized now nor before: its data stays as configured
+        else:
+            # the reading options of the task's own spec travel (its augmentation, size, resize)
+            own = (spec.get("data") or {}).get("init_args") or {}
+            init_args = {"input_dir": folder, **{k: v for k, v in own.items() if k in STREAMED_OPTIONS}}
+            spec["data"] = {"class_path": "umedpt.data.streaming.StreamingTaskDataset", "init_args": init_args}
         streamed.append(spec)
+    if kept:
+        print(f"umedpt data optimize: {kept} not optimized in {out}: streaming.yaml keeps their own data")
     text = ("# written by `umedpt data optimize`: the tasks of " + " + ".join(options.config) + " streamed from "
             f"{out}\n# umedpt fit " + " ".join(f"-c {c}" for c in options.config) + " -c <this file>\n")  # fmt: skip
     text += yaml.safe_dump({"model": {"tasks": streamed}}, sort_keys=False)

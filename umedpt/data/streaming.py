@@ -9,9 +9,10 @@ complete, so an interrupted run redoes only the split it was writing). A stored 
 - ``image``: the sample scaled to [0, 1] by its reader's normalisation (its ``to_unit`` step,
   channels set), as ``uint8`` when that loses nothing (8-bit sources), else ``uint16``
   (steps of 1/65535), or ``float32`` (``pixels="float32"``: exact);
-- its targets at the stored size (``label``; ``mask`` as ``uint8`` when its class indices and
-  ``ignore_index`` fit, else ``uint16`` / ``int32``; ``boxes`` + ``box_labels``; or a plug-in
-  kind's keys) and ``index``, the sample's index in its source split.
+- its targets at the stored size (``label``; ``mask`` as ``uint8`` when the values of that mask
+  (class indices and ``ignore_index``) fit, else ``uint16`` / ``int32``; ``boxes`` +
+  ``box_labels``; a plug-in kind's image-level keys as they are: kinds with other per-pixel
+  targets are refused) and ``index``, the sample's index in its source split.
 
 :class:`StreamingTaskDataset` (a ``litdata.StreamingDataset``) reads them back through the same
 :class:`~umedpt.data.case.CasePipeline` as every reader (resize, augmentation drawn per sample,
@@ -124,6 +125,10 @@ def encode_sample(sample: Mapping[str, Any], index: int, pixels: Pixels = "auto"
     for key, value in sample.items():
         if key == "image":
             continue
+        if value is None:
+            if key not in ("boxes", "box_labels"):
+                continue  # nothing declared (e.g. no label of a self-supervised task's images)
+            value = np.zeros((0, 4) if key == "boxes" else (0,))  # an image without boxes
         value = np.asarray(value)
         if key == "boxes":
             value = value.astype(np.float32).reshape(-1, 4)
@@ -171,12 +176,12 @@ def read_meta(input_dir: str | os.PathLike[str], storage_options: dict[str, Any]
     if _is_remote(input_dir):
         from litdata.streaming.fs_provider import _get_fs_provider
 
+        provider = _get_fs_provider(path, storage_options)
+        if not provider.exists(path):
+            raise FileNotFoundError(f"{path} not found: {input_dir} is not a task folder written by `umedpt data optimize`")
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp, META_FILE)
-            try:
-                _get_fs_provider(path, storage_options).download_file(path, str(local))
-            except Exception as err:
-                raise FileNotFoundError(f"{path}: cannot read it ({err}); was {input_dir} written by umedpt data optimize?") from err
+            provider.download_file(path, str(local))
             text = local.read_text()
     else:
         if not Path(path).is_file():
@@ -230,6 +235,13 @@ def optimize_split(
     if pixels not in PIXELS:
         raise ValueError(f"pixels must be one of {list(PIXELS)}, got {pixels!r}")
     stored_sample(dataset, 0)  # fails early, naming the dataset class, if it cannot be stored
+    kind = getattr(dataset, "task_kind", None)
+    unknown = sorted(set(getattr(kind, "target_keys", ())) - {"label", "mask", "boxes", "box_labels"})
+    if unknown and getattr(kind, "dense", False):
+        raise TypeError(
+            f"kind {kind.name!r} has per-pixel targets {unknown} that the streaming reader would not resize "
+            "and augment with the image; train this task from its own dataset"
+        )
     litdata.optimize(
         fn=functools.partial(_encode, dataset, pixels),
         inputs=list(range(len(dataset))),
@@ -294,13 +306,12 @@ def optimize_task(
             continue
         dataset = dataset_for(split)
         split_dir = _join(task_dir, split)
-        if meta is None:
-            meta = task_meta(dataset, task)
+        meta = _current_meta(meta, task_meta(dataset, task), task_dir, overwrite, log)
         start = time.perf_counter()
         written = None if overwrite else _written_samples(split_dir)
         if written == len(dataset):  # litdata finished the split, umedpt.json was not updated yet
             log(f"{task.name} {split}: {written} samples found complete in {split_dir}, recorded")
-            count, mode = written, None
+            count, stored_as = written, "as found"
         else:
             # a finished index of another size (or --overwrite): write the split again
             mode = "overwrite" if written is not None or overwrite else None
@@ -308,14 +319,46 @@ def optimize_task(
                 shutil.rmtree(split_dir, ignore_errors=True)
                 mode = None
             log(f"{task.name} {split}: optimizing {len(dataset)} samples -> {split_dir}")
-            count = optimize_split(dataset, split_dir, pixels, num_workers, chunk_bytes, compression, storage_options, mode=mode)
+            try:
+                count = optimize_split(dataset, split_dir, pixels, num_workers, chunk_bytes, compression, storage_options, mode=mode)
+            except Exception as err:  # litdata reports a worker's failure as a RuntimeError with its traceback
+                hint = (" (an object-store split that umedpt.json does not record as finished is not resumed: "
+                        "write it again with --overwrite)") if _is_remote(split_dir) else ""  # fmt: skip
+                raise RuntimeError(f"task {task.name!r} ({split} split): writing {split_dir} failed{hint}: {err}") from err
+            stored_as = pixels
         seconds = time.perf_counter() - start
-        meta["splits"][split] = {"samples": count, "pixels": pixels, "seconds": round(seconds, 2)}
+        meta["splits"][split] = {"samples": count, "pixels": stored_as, "seconds": round(seconds, 2)}
         write_meta(task_dir, meta, storage_options)
         log(f"{task.name} {split}: {count} samples in {seconds:.1f} s")
     if meta is None:
         raise ValueError(f"task {task.name!r}: no split to optimize (splits={list(splits)})")
     return meta
+
+
+#: what a task folder's splits must share (umedpt.json): written once, checked for every split
+SHARED_FIELDS = ("kind", "num_classes", "class_names", "channels", "ignore_index", "mean", "std")
+
+
+def _current_meta(meta: dict[str, Any] | None, fresh: dict[str, Any], task_dir: str, overwrite: bool,
+                  log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """The task folder's description for a split about to be written: the stored one when the
+    dataset agrees with it; the dataset's with ``overwrite`` (the splits written under the old one
+    are dropped from it); else an error naming the fields that differ."""
+    if meta is None:
+        return fresh
+    changed = [f for f in SHARED_FIELDS if meta.get(f) != fresh.get(f)]
+    if not changed:
+        return meta
+    if not overwrite:
+        details = "; ".join(f"{f}: stored {meta.get(f)!r}, now {fresh.get(f)!r}" for f in changed)
+        raise ValueError(f"{task_dir}: the task's data no longer matches its optimized splits ({details}); "
+                         "write every split again with --overwrite, or use another --out")  # fmt: skip
+    for split in meta.get("splits", {}):  # written under the old description: not kept
+        if not _is_remote(task_dir):
+            shutil.rmtree(Path(task_dir, split), ignore_errors=True)
+    if meta.get("splits"):
+        log(f"{task_dir}: {', '.join(changed)} changed; the splits {sorted(meta['splits'])} written before are removed")
+    return fresh
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -365,7 +408,7 @@ class StreamingTaskDataset(StreamingDataset):
             done = sorted(meta.get("splits", {}))
             raise ValueError(
                 f"{input_dir}: split {split!r} was not optimized (optimized: {done}); run `umedpt data optimize "
-                f"-c CONFIG --out {Path(str(input_dir)).parent} --splits {split}`"
+                f"-c CONFIG --out {str(input_dir).rstrip('/').rsplit('/', 1)[0]} --splits {split}`"
             )
         super().__init__(
             _join(input_dir, split), cache_dir=cache_dir, max_cache_size=max_cache_size,
@@ -406,6 +449,10 @@ class StreamingTaskDataset(StreamingDataset):
         """The case dict of a stored item; its augmentation depends only on ``(augment_seed,
         epoch, index)``, so any worker, rank or resumed run draws the same one."""
         keys = self.task_kind.target_keys
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"{self.meta.get('task', '?')} {self.split} sample {item.get('index')}: stored item has no "
+                             f"{missing} (it has {sorted(item)}); was it optimized as a {self.kind} task?")  # fmt: skip
         masks = {"mask": item["mask"]} if "mask" in keys else None
         boxes = {"boxes": (item["boxes"], item["box_labels"])} if "boxes" in keys else None
         seed = None
