@@ -93,23 +93,27 @@ def test_eight_bit_files_are_stored_as_uint8_and_read_back_exactly(tmp_path):
             assert torch.equal(streamed[i]["image"], source[i]["image"]) and streamed[i]["label"] == source[i]["label"]
 
 
-def test_training_split_augments_per_sample_and_epoch_the_same_in_every_process(tmp_path):
+def test_training_augmentation_depends_only_on_the_seed_the_epoch_and_the_sample(tmp_path):
+    """Two dataset objects (as two workers or ranks would hold) draw the same augmentation for
+    the same (seed, epoch, sample), another one in another epoch or under another seed; the
+    evaluation split is not augmented."""
     task = Task(name="ct_seg", kind="segmentation", num_classes=5,
                 data={"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": "ct", "family": "segmentation"}})  # fmt: skip
     optimize_task(task, lambda split: synthetic("segmentation", split), tmp_path, ("train",), log=lambda _: None)
 
-    def cases(epoch: int) -> list[dict[str, Any]]:
+    def cases(epoch: int, seed: int = 7) -> list[dict[str, Any]]:
         dataset = StreamingTaskDataset(str(tmp_path / "ct_seg"), split="train", image_size=64, transform="ct")
-        dataset.augment_seed = 7
+        dataset.augment_seed = seed
         dataset.set_epoch(epoch)
         return [dataset[i] for i in range(3)]
 
-    first, again, later = cases(1), cases(1), cases(2)
-    plain = [synthetic("segmentation", "val")[0]]  # sanity: the stored scenes are not all equal
-    assert plain[0]["image"].shape == first[0]["image"].shape
+    first, again, later, other = cases(1), cases(1), cases(2), cases(1, seed=8)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, later, strict=True))
+    assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, other, strict=True))
+    plain = synthetic("segmentation", "train")
+    assert any(not torch.equal(a["image"], plain[i]["image"]) for i, a in enumerate(first))  # augmented
 
 
 def run_data(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
