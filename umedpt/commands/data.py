@@ -104,6 +104,16 @@ def _print_task_details(console: Any, report: TaskReport, max_problems: int) -> 
             console.print(f"... and {len(report.problems) - max_problems} more problems (--json lists all)")
 
 
+OPTIMIZE_DESCRIPTION = (
+    "Write every task's splits (any reader, after decoding, before augmentation) as litdata chunks "
+    "into OUT/<task>/<split>/ with OUT/<task>/umedpt.json beside them, and OUT/streaming.yaml: the "
+    "config's task list with each task's data replaced by umedpt.data.streaming.StreamingTaskDataset, "
+    "to add as the last -c of `umedpt fit` or `umedpt data check`. The tasks' data are checked as "
+    "training checks them. Run again, it skips the splits already written and continues an "
+    "interrupted one (local folders). See docs/scaling.md."
+)
+
+
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="umedpt data", description="Inspect the data of a task configuration.")
     check = ArgumentParser(prog="umedpt data check", description=__doc__)
@@ -115,7 +125,7 @@ def _parser() -> ArgumentParser:
     check.add_argument("--quick", action="store_true",
                        help="check only what the annotations declare (no image decoding, no duplicate search)")
     check.add_argument("--max-problems", type=int, default=20, metavar="N", help="problems shown per task (table)")
-    optimize = ArgumentParser(prog="umedpt data optimize", description=__doc__)
+    optimize = ArgumentParser(prog="umedpt data optimize", description=OPTIMIZE_DESCRIPTION)
     optimize.add_argument("-c", "--config", action="append", required=True,
                           help="training YAML config (repeatable; later files override earlier ones)")
     optimize.add_argument("--out", required=True, help="output folder: a local path or an object-store URI litdata writes (s3://, gs://, ...)")
