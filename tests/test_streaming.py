@@ -366,3 +366,16 @@ def test_optimize_reports_a_task_whose_data_is_wrong_and_exits_2(tmp_path, capsy
     config.write_text(yaml.safe_dump(spec))
     assert data_main(["optimize", "-c", str(config), "--out", str(tmp_path / "s"), "--tasks", "xr_grade"]) == 2
     assert "task 'xr_grade': num_classes=5 but its train dataset has 3 classes" in capsys.readouterr().err
+
+
+def test_a_folder_of_another_layout_version_is_refused_by_reader_and_writer(tmp_path):
+    task = Task(name="xr_grade", kind="classification", num_classes=3,
+                data={"class_path": "umedpt.data.synthetic.SyntheticTaskDataset", "init_args": {"style": "radiograph", "family": "grade"}})  # fmt: skip
+    source = lambda split: SyntheticTaskDataset("radiograph", "grade", split=split, num_samples=4, image_size=32)  # noqa: E731
+    optimize_task(task, source, tmp_path, ("val",), log=lambda _: None)
+    meta_path = tmp_path / "xr_grade" / META_FILE
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format": 99}))
+    with pytest.raises(ValueError, match=r"umedpt.json: written in layout 99"):
+        StreamingTaskDataset(str(tmp_path / "xr_grade"), split="val")
+    with pytest.raises(ValueError, match=r"written in layout 99.*another --out"):
+        optimize_task(task, source, tmp_path, ("train",), log=lambda _: None)

@@ -166,14 +166,6 @@ def _load(options: Any, command: str) -> tuple[list[dict[str, Any]], list[Any], 
 STREAMED_OPTIONS = ("image_size", "transform", "resize")
 
 
-def _optimized(streaming: Any, folder: str) -> bool:
-    """Whether ``folder`` is a task folder written by an earlier ``optimize``."""
-    try:
-        return bool(streaming.read_meta(folder).get("splits"))
-    except (FileNotFoundError, ValueError):
-        return False
-
-
 def optimize(options: Any) -> int:
     """``umedpt data optimize``: every selected task's splits as litdata chunks, and streaming.yaml."""
     import yaml
@@ -208,7 +200,7 @@ def optimize(options: Any) -> int:
     for spec, task in zip(specs, tasks, strict=True):
         spec = dict(spec)
         folder = streaming.task_folder(out, task.name)
-        if task.name not in names and not _optimized(streaming, folder):
+        if task.name not in names and not streaming.is_task_folder(folder):
             kept.append(task.name)  # neither optimized now nor before: its data stays as configured
         else:
             # the reading options of the task's own spec travel (its augmentation, size, resize)

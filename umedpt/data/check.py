@@ -209,9 +209,7 @@ def _inspect_stored(dataset: Any, split: str, report: TaskReport, deep: bool, pr
             summary.no_boxes += 1
         low, high = min(low, float(image.min())), max(high, float(image.max()))
         if counted:
-            targets = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
-                       for k, v in item.items() if k not in ("image", "index")}  # fmt: skip
-            found = dataset.task_kind.class_counts(targets, dataset.num_classes)
+            found = dataset.task_kind.class_counts(dataset.stored_targets(item), dataset.num_classes)
             if found is not None:
                 counts += found
         progress.advance(bar)

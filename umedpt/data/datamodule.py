@@ -183,16 +183,15 @@ class MultiTaskDataModule(LightningDataModule):
         dataset = self.datasets[split][task.name]
         workers = self.num_workers if task.num_workers is None else task.num_workers
         stream = self.seed * 1000 + index  # each task's own shuffle and worker-seed stream
+        batch_size = task.batch_size if train else (self.eval_batch_size or task.batch_size)
         make_loader = getattr(dataset, "dataloader", None)
         if callable(make_loader):  # a streaming dataset brings its own loader (umedpt.data.streaming)
-            return make_loader(
-                batch_size=task.batch_size if train else (self.eval_batch_size or task.batch_size),
-                num_workers=workers, collate_fn=collate_cases, pin_memory=self.pin_memory, train=train, seed=stream,
-            )  # fmt: skip
+            return make_loader(batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
+                               pin_memory=self.pin_memory, train=train, seed=stream)  # fmt: skip
         # training loaders remember their position: a fit resumed mid-epoch continues it exactly
         return (ResumableDataLoader if train else DataLoader)(
             dataset,
-            batch_size=task.batch_size if train else (self.eval_batch_size or task.batch_size),
+            batch_size=batch_size,
             sampler=EpochShuffleSampler(len(dataset), seed=stream) if train else None,
             drop_last=train,
             num_workers=workers,

@@ -73,3 +73,17 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'train'?)`` for the choice closest to a misspelt ``value``, else ``""``."""
     close = difflib.get_close_matches(value.lower(), list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def mask_value_message(mask: Any, num_classes: int, ignore_index: int) -> str | None:
+    """What is wrong with a class-index mask's values (None: every value is a class index or
+    ``ignore_index``); names up to 8 of the wrong values."""
+    import numpy as np
+
+    mask = np.asarray(mask)
+    bad = ((mask >= num_classes) | (mask < 0)) & (mask != ignore_index)
+    if not bad.any():
+        return None
+    values = np.unique(mask[bad])[:8].tolist()
+    return f"values {values} are not class indices 0..{num_classes - 1} nor ignore_index={ignore_index}"
+

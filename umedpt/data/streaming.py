@@ -48,7 +48,7 @@ from torch.utils.data.dataloader import _InfiniteConstantSampler
 from umedpt.data.case import CasePipeline
 from umedpt.data.loading import seeded_generator
 from umedpt.data.normalize import Normalization
-from umedpt.data.problems import Problem
+from umedpt.data.problems import Problem, mask_value_message
 from umedpt.data.transforms import ResizeMode, TransformSpec
 from umedpt.kinds import get_kind
 
@@ -63,7 +63,7 @@ except ImportError as err:  # the optional extra
 
 __all__ = [
     "META_FILE", "PIXELS", "StreamingTaskDataset", "encode_sample", "optimize_split", "optimize_task", "read_meta",
-    "TaskStreamLoader", "stored_sample", "task_folder", "write_text",
+    "TaskStreamLoader", "is_task_folder", "stored_sample", "task_folder", "write_text",
 ]  # fmt: skip
 
 # Lightning warns about any iterable dataset with a length; litdata gives each DataLoader worker
@@ -148,8 +148,8 @@ def _encode(dataset: Any, pixels: Pixels, index: int) -> dict[str, Any]:
 
 def task_meta(dataset: Any, task: Any) -> dict[str, Any]:
     """What a streaming reader needs to know of the task beside its samples."""
-    normalization = getattr(dataset, "normalization", None) or getattr(getattr(dataset, "pipeline", None), "normalization", None)
-    normalization = normalization or Normalization()
+    # every convertible dataset scales its images with a CasePipeline
+    normalization = getattr(getattr(dataset, "pipeline", None), "normalization", None) or Normalization()
     return {
         "format": FORMAT,
         "task": task.name,
@@ -170,7 +170,7 @@ def read_meta(input_dir: str | os.PathLike[str], storage_options: dict[str, Any]
 
     Raises:
         FileNotFoundError: the folder has none (it was not written by ``umedpt data optimize``).
-        ValueError: the file is not valid JSON.
+        ValueError: the file is not valid JSON, or describes another layout version than :data:`FORMAT`.
     """
     path = _join(input_dir, META_FILE)
     if _is_remote(input_dir):
@@ -188,9 +188,21 @@ def read_meta(input_dir: str | os.PathLike[str], storage_options: dict[str, Any]
             raise FileNotFoundError(f"{path} not found: {input_dir} is not a task folder written by `umedpt data optimize`")
         text = Path(path).read_text()
     try:
-        return json.loads(text)
+        meta = json.loads(text)
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: written in layout {meta.get('format')}, this umedpt reads and writes {FORMAT}; "
+                         "optimize the task again into another --out")  # fmt: skip
+    return meta
+
+
+def is_task_folder(folder: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``folder`` holds a task optimized by ``umedpt data optimize`` (at least one split)."""
+    try:
+        return bool(read_meta(folder, storage_options).get("splits"))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def write_text(path: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -298,8 +310,6 @@ def optimize_task(
         meta = read_meta(task_dir, storage_options)
     except FileNotFoundError:
         meta = None
-    if meta is not None and meta.get("format") != FORMAT:
-        raise ValueError(f"{task_dir}: written in layout {meta.get('format')}, this umedpt writes {FORMAT}; use another --out")
     for split in splits:
         if meta is not None and split in meta.get("splits", {}) and not overwrite:
             log(f"{task.name} {split}: {meta['splits'][split]['samples']} samples already optimized, skipped")
@@ -385,7 +395,7 @@ class StreamingTaskDataset(StreamingDataset):
 
     Raises:
         FileNotFoundError: ``input_dir`` has no ``umedpt.json``.
-        ValueError: the split was not optimized, or the folder's layout is another version's.
+        ValueError: the split was not optimized, or the folder's layout is another version's (:func:`read_meta`).
     """
 
     def __init__(
@@ -402,8 +412,6 @@ class StreamingTaskDataset(StreamingDataset):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         meta = read_meta(input_dir, storage_options)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{input_dir}: written in layout {meta.get('format')}, this umedpt reads {FORMAT}")
         if split not in meta.get("splits", {}):
             done = sorted(meta.get("splits", {}))
             raise ValueError(
@@ -460,12 +468,18 @@ class StreamingTaskDataset(StreamingDataset):
             generator = seeded_generator(self.augment_seed, int(self.current_epoch), int(item["index"]))
             seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
         case = self.pipeline(np.asarray(item["image"]), masks=masks, boxes=boxes, seed=seed)
-        targets = {k: _scalar(v) for k, v in item.items() if k not in ("image", "index")}
+        targets = self.stored_targets(item)
         if masks is not None:
             targets["mask"] = case.masks["mask"]
         if boxes is not None:
             targets["boxes"], targets["box_labels"] = case.boxes["boxes"]
         return {"image": case.image, **self.task_kind.case_targets(**targets)}
+
+    @staticmethod
+    def stored_targets(item: Mapping[str, Any]) -> dict[str, Any]:
+        """A stored item's targets by key, class labels as Python numbers (as the kinds take them)."""
+        return {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+                for k, v in item.items() if k not in ("image", "index")}  # fmt: skip
 
     def item_problems(self, item: Mapping[str, Any]) -> list[Problem]:
         """What is wrong with one stored item: its image's shape, labels out of range, mask
@@ -475,15 +489,16 @@ class StreamingTaskDataset(StreamingDataset):
         allowed = (1, self.channels)  # grey images are stored grey and repeated after augmentation
         if image.ndim != 3 or image.shape[-1] not in allowed:
             return [Problem(where, "image", f"stored image has shape {image.shape}, expected (H, W, C) with C in {sorted(set(allowed))}")]
-        targets = {k: _scalar(v) for k, v in item.items() if k not in ("image", "index")}
+        targets = self.stored_targets(item)
         problems = [Problem(where, field, message) for field, message in
                     self.task_kind.target_problems(targets, self.num_classes, self.class_names, size=image.shape[:2])]  # fmt: skip
         if "mask" in targets:
-            values = np.unique(np.asarray(targets["mask"]))
-            bad = values[(values != self.ignore_index) & ((values < 0) | (values >= self.num_classes))]
-            if bad.size:
-                problems.append(Problem(where, "mask", f"values {bad.tolist()} are neither class indices "
-                                        f"0..{self.num_classes - 1} nor ignore_index {self.ignore_index}"))  # fmt: skip
+            mask = np.asarray(targets["mask"])
+            if mask.shape != image.shape[:2]:
+                problems.append(Problem(where, "mask", f"size {mask.shape} differs from the image's {image.shape[:2]}"))
+            message = mask_value_message(mask, self.num_classes, self.ignore_index)
+            if message:
+                problems.append(Problem(where, "mask", message))
         return problems
 
     def problems(self, deep: bool = False) -> list[Problem]:
@@ -577,8 +592,3 @@ class TaskStreamLoader(StreamingDataLoader):
             self.restore = False
             self._num_samples_yielded_streaming = 0
         yield from super().__iter__()
-
-
-def _scalar(value: Any) -> Any:
-    """A stored 0-d array as a Python number (class labels), anything else as it is."""
-    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from umedpt.data.case import CasePipeline
 from umedpt.data.normalize import NormalizationSpec
-from umedpt.data.problems import DataError, Problem, errors_only
+from umedpt.data.problems import DataError, Problem, errors_only, mask_value_message
 from umedpt.data.readers.image_io import ImageMeta, frame_count, load_image, read_image
 from umedpt.data.transforms import ResizeMode, TransformSpec
 from umedpt.kinds import BUILTIN_KINDS, SSL_KINDS, get_kind
@@ -410,16 +410,9 @@ class FileDataset(Dataset):
                 problems.append(
                     Problem(where, "mask", f"size {mh}x{mw} differs from the image's {h}x{w} ({item.image})", index=i)
                 )
-            bad = (sample.mask >= self.num_classes) | (sample.mask < 0)
-            bad &= sample.mask != self.ignore_index
-            if bad.any():
-                values = np.unique(sample.mask[bad])[:8].tolist()
-                problems.append(
-                    Problem(
-                        where, "mask", f"values {values} are not class indices 0..{self.num_classes - 1} "
-                        f"nor ignore_index={self.ignore_index}", index=i,
-                    )
-                )
+            message = mask_value_message(sample.mask, self.num_classes, self.ignore_index)
+            if message:
+                problems.append(Problem(where, "mask", message, index=i))
         if "boxes" in self.task_kind.target_keys and item.size != (h, w):  # declared sizes are checked without pixels
             if item.size is not None:
                 problems.append(
