@@ -1,23 +1,27 @@
 """Does the connector-MoE help? CMoE (soft, sparse, hard, constant routers) vs the plain MLP connector.
 
 Uni-Med reports that its connector mixture-of-experts improves the tasks by up to 8% over a plain
-connector. For each connector and seed this fits the MLLM quick recipe
-(``configs/mllm.yaml`` + ``configs/mllm_quick.yaml``: random demo encoder and LM, synthetic
-instructions, 5 epochs, the same steps for every connector; 48 test scenes per world instead of
-8, so that the scores rest on more answers), generates the answers of the test split (greedy), scores them (``umedpt mllm-evaluate``'s functions, umedpt protocol) and measures
-the tug-of-war of the image tasks at the connector (``umedpt diagnose``'s functions, 8 training
-batches per task; count sketches for the CMoE, as ``diagnose`` chooses). Each run is its own process with one thread (``OMP_NUM_THREADS=1``).
+connector. For each connector and seed this fits the MLLM recipe on the embedded synthetic
+instructions (``configs/mllm.yaml`` + ``configs/mllm_quick.yaml`` + ``configs/mllm_pretrained.yaml``:
+192 training and 48 test scenes per world, 15 epochs, the same steps for every connector) on the
+**pretrained** encoder (``--encoder``; by default the export of the quick main job, trained once
+into ``runs/connector_quality/pretrain`` and reused), generates the answers of the test split
+(greedy), scores them (``umedpt mllm-evaluate``'s functions, umedpt protocol) and measures the
+tug-of-war of the image tasks at the connector (``umedpt diagnose``'s functions, 8 training
+batches per task; count sketches for the CMoE, as ``diagnose`` chooses). Each run is its own
+process with one thread (``OMP_NUM_THREADS=1``).
 
 Per task the headline metric: closed-question accuracy for ``[vqa]`` and ``[cls]``, IoU for
 ``[refer]``, token F1 for ``[identify]``, ROUGE-L for ``[caption]``, exact match for ``[qa]``;
-plus the final training and validation losses. The plain reference is the most frequent answer:
-every question of a dataset answered with its most common reference answer (what a model that
-ignores the image scores).
+plus the final training and validation losses. Two plain references: ``mlp_random``, the MLP
+connector on the random demo encoder (what the same recipe learns without pretraining), and the
+most frequent answer (every question of a dataset answered with its most common reference
+answer: what a model that ignores the image scores).
 
-    python benchmarks/connector_quality.py                         # 5 connectors x seeds 0 1 2
+    python benchmarks/connector_quality.py                         # 5 connectors + mlp_random x seeds 0 1 2
     python benchmarks/connector_quality.py --connectors mlp soft --seeds 0
-    python benchmarks/connector_quality.py --name connector_quality_pretrained \
-        --fit_args=--model.encoder=runs/quick/lightning_logs/version_0/encoder   # any fit options
+    python benchmarks/connector_quality.py --name connector_quality_real --encoder runs/.../encoder \
+        --fit_args=--model.llm=/models/my-llm                        # any fit options
 
 Writes ``benchmarks/results/<name>.{json,md,png}`` (default name ``connector_quality_cpu``).
 """
@@ -47,16 +51,27 @@ CONNECTORS: dict[str, list[str]] = {
     "sparse": ["--model.connector", "cmoe", "--model.router_type", "sparse"],
     "hard": ["--model.connector", "cmoe", "--model.router_type", "hard"],
     "constant": ["--model.connector", "cmoe", "--model.router_type", "constant"],
+    "mlp_random": ["--model.connector", "mlp"],
 }
+#: connectors fitted on the random demo encoder instead of the pretrained one (plain references)
+RANDOM_ENCODER = {"mlp_random"}
+LABELS = {"mlp_random": "mlp, random encoder"}
+#: the pretraining whose export is the default encoder: the README's quick main job
+PRETRAIN = ["-c", "configs/umedpt.yaml", "-c", "configs/quick.yaml", "--trainer.enable_progress_bar", "false"]
 #: task -> the metric of the task's row that the table reports
 HEADLINE = {"vqa": "closed_accuracy", "cls": "closed_accuracy", "refer": "iou", "identify": "token_f1",
             "caption": "rougeL", "qa": "exact_match"}  # fmt: skip
-#: the quick recipe with 48 test scenes per world instead of 8 (about 96 test answers per task, not 16)
+#: the tasks that Δm averages: not ``[qa]`` (text-only: no image passes through a connector) and not
+#: ``[refer]`` (no connector learns it at this budget, IoU < 0.01: ratios of values that close to 0
+#: are noise)
+DELTA_TASKS = ("vqa", "cls", "identify", "caption")
 #: as ``umedpt diagnose``: full gradients up to 2 GiB, else count sketches (the 17.6 M-parameter
 #: CMoE's 40 full gradients in float64 would take 5.6 GB)
 SKETCH = "auto"
-CONFIGS = ["-c", "configs/mllm.yaml", "-c", "configs/mllm_quick.yaml",
-           "--data.synthetic_images", "{train: 48, val: 4, test: 48}", "--data.synthetic_dir", "runs/connector_quality/data"]  # fmt: skip
+#: the recipe of ``configs/mllm_pretrained.yaml`` (192 training and 48 test scenes per world, 15
+#: epochs); the encoder comes from ``--encoder``, the instructions go to the benchmark's folder
+CONFIGS = ["-c", "configs/mllm.yaml", "-c", "configs/mllm_quick.yaml", "-c", "configs/mllm_pretrained.yaml",
+           "--data.synthetic_dir", "runs/connector_quality/data"]  # fmt: skip
 
 
 def last_scalar(run_dir: Path, tag: str) -> float | None:
@@ -90,14 +105,29 @@ def constant_answer(predictions: Path) -> dict[str, float]:
     return headline(evaluate_records([{**r, "prediction": common[r["dataset"]]} for r in records], meteor=False))
 
 
-def one(connector: str, seed: int, batches: int, root: Path, fit_args: list[str]) -> dict[str, Any]:
+def pretrained_encoder(runs_dir: Path) -> Path:
+    """The export of the quick main job in ``runs_dir/pretrain`` (fitted there first if absent)."""
+    root = runs_dir / "pretrain"
+    found = sorted(root.glob("lightning_logs/version_*/encoder/model.safetensors"))
+    if not found:
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"[{time.strftime('%H:%M:%S')}] pretraining the encoder: umedpt fit {' '.join(PRETRAIN)}", flush=True)
+        with (root / "run.log").open("w") as log:
+            subprocess.run([sys.executable, "-m", "umedpt", "fit", *PRETRAIN, "--trainer.default_root_dir", str(root)],
+                           check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        found = sorted(root.glob("lightning_logs/version_*/encoder/model.safetensors"))
+    return found[-1].parent
+
+
+def one(connector: str, seed: int, batches: int, root: Path, encoder: str | None, fit_args: list[str]) -> dict[str, Any]:
     """Fit, generate, score and diagnose one connector and seed (in this process)."""
     from benchmarks.connector_interference import measure
     from umedpt.cli import main
     from umedpt.mllm.evaluate import evaluate
 
-    common = [*CONFIGS, *CONNECTORS[connector], "--seed_everything", str(seed), "--trainer.default_root_dir", str(root),
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *fit_args]  # fmt: skip
+    chosen = ["--model.encoder", "null" if connector in RANDOM_ENCODER or encoder is None else encoder]
+    common = [*CONFIGS, *CONNECTORS[connector], *chosen, "--seed_everything", str(seed), "--trainer.default_root_dir",
+              str(root), "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *fit_args]  # fmt: skip
     start = time.perf_counter()
     cli = main(["fit", *common])
     fit_seconds = time.perf_counter() - start
@@ -110,6 +140,7 @@ def one(connector: str, seed: int, batches: int, root: Path, fit_args: list[str]
     return {
         "connector": connector,
         "seed": seed,
+        "encoder": "random demo encoder" if chosen[-1] == "null" else chosen[-1],
         "command": "umedpt fit " + " ".join(common),
         "fit_seconds": fit_seconds,
         "parameters": diagnostics["num_parameters"],
@@ -139,10 +170,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if "mlp" in per:
         base = per["mlp"]["tasks"]
         for entry in per.values():
-            changes = [(entry["tasks"][t]["mean"] - base[t]["mean"]) / base[t]["mean"] for t in tasks if base[t]["mean"]]
+            changes = [(entry["tasks"][t]["mean"] - base[t]["mean"]) / base[t]["mean"]
+                       for t in tasks if t in DELTA_TASKS and base[t]["mean"]]  # fmt: skip
             entry["delta_m_vs_mlp"] = 100.0 * statistics.fmean(changes) if changes else None
     constant = {t: stats([r["constant_answer"][t] for r in runs if t in r["constant_answer"]]) for t in tasks}
-    return {"connectors": per, "constant_answer": constant, "tasks": tasks, "headline": {t: HEADLINE[t] for t in tasks}}
+    return {"connectors": per, "constant_answer": constant, "tasks": tasks, "headline": {t: HEADLINE[t] for t in tasks},
+            "delta_m_tasks": [t for t in tasks if t in DELTA_TASKS]}  # fmt: skip
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -153,7 +186,7 @@ def table(summary: dict[str, Any]) -> str:
 
     header = ["connector", "parameters", *(f"{t} ({HEADLINE[t]})" for t in tasks), "Δm vs mlp", "train loss", "val loss",
               "tug-of-war (mean)", "fit s"]  # fmt: skip
-    rows = [[c, f"{e['parameters'] / 1e6:.2f} M", *(cell(e["tasks"][t]) for t in tasks),
+    rows = [[LABELS.get(c, c), f"{e['parameters'] / 1e6:.2f} M", *(cell(e["tasks"][t]) for t in tasks),
              f"{e['delta_m_vs_mlp']:+.1f}%" if e.get("delta_m_vs_mlp") is not None else "-",
              cell(e["train_loss"]), cell(e["val_loss"]), cell(e["tug_of_war_mean"]), f"{e['fit_seconds']['mean']:.0f}"]
             for c, e in per.items()]  # fmt: skip
@@ -174,14 +207,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for i, (connector, entry) in enumerate(per.items()):
         xs = [j + i * width for j in range(len(tasks))]
         ax.bar(xs, [entry["tasks"][t]["mean"] for t in tasks], width, yerr=[entry["tasks"][t]["sd"] for t in tasks],
-               capsize=2, label=connector)  # fmt: skip
+               capsize=2, label=LABELS.get(connector, connector))  # fmt: skip
     for j, t in enumerate(tasks):
         level = summary["constant_answer"][t]["mean"]
         ax.hlines(level, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="--", lw=1,
                   label="most frequent answer" if j == 0 else None)  # fmt: skip
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [f"{t}\n({HEADLINE[t]})" for t in tasks])
     ax.set_ylabel("test score, mean ± sd over seeds")
-    ax.set_title("MLLM quick recipe: connector-MoE routers vs the MLP connector")
+    ax.set_title("MLLM on the pretrained encoder: connector-MoE routers vs the MLP connector")
     ax.legend(title="connector", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -196,17 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep the runs already recorded in runs/connector_quality")
     parser.add_argument("--fit_args", action="append", default=[], help="one more option for fit and predict (repeatable)")
     parser.add_argument("--name", default="connector_quality_cpu", help="results file name (and run folder)")
+    parser.add_argument("--encoder", help="pretraining export for the connectors (default: the quick main job's, "
+                        "fitted into runs/connector_quality/pretrain once); 'random': the random demo encoder")  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("CONNECTOR", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     runs_dir = RUNS if args.name == "connector_quality_cpu" else RUNS.parent / args.name
     if args.one:
         connector, seed = args.one[0], int(args.one[1])
         root = runs_dir / f"{connector}_seed{seed}"
-        result = one(connector, seed, args.batches, root, args.fit_args)
+        encoder = None if args.encoder == "random" else args.encoder
+        result = one(connector, seed, args.batches, root, encoder, args.fit_args)
         (root / "record.json").write_text(json.dumps(result, indent=1) + "\n")
         return 0
     runs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if args.encoder is None:
+        args.encoder = str(pretrained_encoder(RUNS))
     for seed in args.seeds:
         for connector in args.connectors:
             root = runs_dir / f"{connector}_seed{seed}"
@@ -216,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {connector} seed {seed}", flush=True)
                 with (root / "run.log").open("w") as log:
                     subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--name", args.name,
-                                    "--one", connector, str(seed), *(f"--fit_args={a}" for a in args.fit_args)],
+                                    "--encoder", args.encoder, "--one", connector, str(seed),
+                                    *(f"--fit_args={a}" for a in args.fit_args)],
                                    check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
             run = json.loads(record.read_text())
             if "constant_answer" not in run:  # recorded before the baseline was part of a run
@@ -229,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     name = args.name
     (RESULTS / f"{name}.md").write_text(
-        f"MLLM quick recipe per connector, test split, umedpt protocol, mean ± sd over seeds {args.seeds}.\n\n{text}\n"
+        f"MLLM recipe per connector (encoder: {args.encoder}; 192 training scenes per world, 15 epochs), test split, "
+        f"umedpt protocol, mean ± sd over seeds {args.seeds}. Δm: the mean relative change of the headline "
+        f"metrics vs the mlp connector over {', '.join(summary['delta_m_tasks'])}.\n\n{text}\n"
     )
     write_result(name, {"benchmark": "connector_quality", "settings": vars(args), **summary, "runs": runs})
     plot(summary, RESULTS / f"{name}.png")
