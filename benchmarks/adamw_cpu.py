@@ -40,7 +40,11 @@ def connector_parameters() -> list[torch.nn.Parameter]:
 
     torch.manual_seed(0)
     model = MLLMModule(connector="cmoe", router_type="soft")
-    return [torch.nn.Parameter(p.detach().clone()) for p in model.connector.parameters()]
+    return copies(list(model.connector.parameters()))
+
+
+def copies(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
 def step_ms(params: list[torch.nn.Parameter], repeats: int, **kwargs: bool) -> float:
@@ -87,16 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     params = connector_parameters()
     count = sum(p.numel() for p in params)
     implementations = {
-        "loop (foreach=False)": step_ms([torch.nn.Parameter(p.detach().clone()) for p in params], args.repeats, foreach=False),
-        "foreach": step_ms([torch.nn.Parameter(p.detach().clone()) for p in params], args.repeats, foreach=True),
-        "fused": step_ms([torch.nn.Parameter(p.detach().clone()) for p in params], args.repeats, fused=True),
-    }  # fmt: skip
+        "loop (foreach=False)": step_ms(copies(params), args.repeats, foreach=False),
+        "foreach": step_ms(copies(params), args.repeats, foreach=True),
+        "fused": step_ms(copies(params), args.repeats, fused=True),
+    }
     print(f"AdamW step on {count / 1e6:.2f} M connector parameters, one thread, median of {args.repeats}:")
     print(markdown_table(["implementation", "ms per step"], [[k, f"{v:.1f}"] for k, v in implementations.items()]))
-    blocks = {
-        flush: zero_gradient_blocks([torch.nn.Parameter(p.detach().clone()) for p in params], args.steps, flush)
-        for flush in (False, True)
-    }
+    blocks = {flush: zero_gradient_blocks(copies(params), args.steps, flush) for flush in (False, True)}
     header = ["flush_denormal", *(f"steps {i * BLOCK + 1}-{(i + 1) * BLOCK}" for i in range(len(blocks[False])))]
     print(f"\nfused AdamW, gradients zero after the first step: mean ms per step per block of {BLOCK}")
     print(markdown_table(header, [[str(k).lower(), *(f"{v:.1f}" for v in b)] for k, b in blocks.items()]))

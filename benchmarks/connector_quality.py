@@ -119,14 +119,16 @@ def pretrained_encoder(runs_dir: Path) -> Path:
     return found[-1].parent
 
 
-def one(connector: str, seed: int, batches: int, root: Path, encoder: str | None, fit_args: list[str]) -> dict[str, Any]:
-    """Fit, generate, score and diagnose one connector and seed (in this process)."""
+def one(connector: str, seed: int, batches: int, root: Path, encoder: str, fit_args: list[str]) -> dict[str, Any]:
+    """Fit, generate, score and diagnose one connector and seed (in this process); ``encoder`` is
+    an export path or ``random``."""
     from benchmarks.connector_interference import measure
     from umedpt.cli import main
     from umedpt.mllm.evaluate import evaluate
 
-    chosen = ["--model.encoder", "null" if connector in RANDOM_ENCODER or encoder is None else encoder]
-    common = [*CONFIGS, *CONNECTORS[connector], *chosen, "--seed_everything", str(seed), "--trainer.default_root_dir",
+    if connector in RANDOM_ENCODER:
+        encoder = "random"
+    common = [*CONFIGS, *CONNECTORS[connector], "--model.encoder", "null" if encoder == "random" else encoder, "--seed_everything", str(seed), "--trainer.default_root_dir",
               str(root), "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *fit_args]  # fmt: skip
     start = time.perf_counter()
     cli = main(["fit", *common])
@@ -140,7 +142,7 @@ def one(connector: str, seed: int, batches: int, root: Path, encoder: str | None
     return {
         "connector": connector,
         "seed": seed,
-        "encoder": "random demo encoder" if chosen[-1] == "null" else chosen[-1],
+        "encoder": encoder,
         "command": "umedpt fit " + " ".join(common),
         "fit_seconds": fit_seconds,
         "parameters": diagnostics["num_parameters"],
@@ -237,19 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         connector, seed = args.one[0], int(args.one[1])
         root = runs_dir / f"{connector}_seed{seed}"
-        encoder = None if args.encoder == "random" else args.encoder
-        result = one(connector, seed, args.batches, root, encoder, args.fit_args)
+        result = one(connector, seed, args.batches, root, args.encoder, args.fit_args)
         (root / "record.json").write_text(json.dumps(result, indent=1) + "\n")
         return 0
     runs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if args.encoder is None:
-        args.encoder = str(pretrained_encoder(RUNS))
     for seed in args.seeds:
         for connector in args.connectors:
             root = runs_dir / f"{connector}_seed{seed}"
             record = root / "record.json"
             if not (args.reuse and record.is_file()):
+                if args.encoder is None:  # fitted only when a connector run needs it
+                    args.encoder = str(pretrained_encoder(RUNS))
                 root.mkdir(parents=True, exist_ok=True)
                 print(f"[{time.strftime('%H:%M:%S')}] {connector} seed {seed}", flush=True)
                 with (root / "run.log").open("w") as log:
@@ -257,18 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                                     "--encoder", args.encoder, "--one", connector, str(seed),
                                     *(f"--fit_args={a}" for a in args.fit_args)],
                                    check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-            run = json.loads(record.read_text())
-            if "constant_answer" not in run:  # recorded before the baseline was part of a run
-                run["constant_answer"] = constant_answer(sorted(root.rglob("predictions.jsonl"))[-1])
-                record.write_text(json.dumps(run, indent=1) + "\n")
-            runs.append(run)
+            runs.append(json.loads(record.read_text()))
             print(f"  {connector} seed {seed}: {runs[-1]['metrics']}", flush=True)
     summary = summarise(runs)
     text = table(summary)
     print("\n" + text)
     name = args.name
+    encoders = sorted({r["encoder"] for r in runs if r["connector"] not in RANDOM_ENCODER})
     (RESULTS / f"{name}.md").write_text(
-        f"MLLM recipe per connector (encoder: {args.encoder}; 192 training scenes per world, 15 epochs), test split, "
+        f"MLLM recipe of configs/mllm_pretrained.yaml per connector (encoder: {', '.join(encoders)}), test split, "
         f"umedpt protocol, mean ± sd over seeds {args.seeds}. Δm: the mean relative change of the headline "
         f"metrics vs the mlp connector over {', '.join(summary['delta_m_tasks'])}.\n\n{text}\n"
     )

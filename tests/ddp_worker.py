@@ -42,6 +42,16 @@ from umedpt import MultiTaskModule, SwinEncoder, Task  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_SIZE = 2
+#: the Trainer options of every distributed test fit: no logging, checkpoints, bars or validation
+QUIET_TRAINER: dict[str, Any] = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
 MODES = ("no_sync", "sync_every_task", "per_task_clip", "per_task_moments", "upgrad")
 #: the clip norm of the ``per_task_clip`` mode (below every task's gradient norm)
 CLIP = 0.05
@@ -168,17 +178,11 @@ def main(out: Path, max_steps: int) -> None:
             bucket_cap_mb=100,  # the tiny model fits one bucket (also the first one)
         )
         trainer = Trainer(
-            accelerator="cpu",
+            **QUIET_TRAINER,
             devices=WORLD_SIZE,
             num_nodes=1,
             strategy=strategy,
             max_steps=max_steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
             use_distributed_sampler=False,
             default_root_dir=str(folder),
             callbacks=[recorder_class()(folder)],

@@ -26,7 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from tests.conftest import TINY_ENCODER, mixed_tasks  # noqa: E402
-from tests.ddp_worker import recorder_class  # noqa: E402
+from tests.ddp_worker import QUIET_TRAINER, recorder_class  # noqa: E402
 from umedpt import MultiTaskModule, SwinEncoder, Task  # noqa: E402
 
 NUM_NODES = 2
@@ -78,17 +78,11 @@ def main(out: Path, stream: Path, max_steps: int) -> None:
     torch.set_num_threads(1)
     tasks = streamed_tasks(stream)
     trainer = Trainer(
-        accelerator="cpu",
+        **QUIET_TRAINER,
         devices=1,
         num_nodes=NUM_NODES,
         strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=True, bucket_cap_mb=100),
         max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         default_root_dir=str(folder),
         callbacks=[Recorder(folder)],
     )

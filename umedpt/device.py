@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -47,6 +47,24 @@ def flush_denormal(device: torch.device | str, enabled: bool = True) -> Iterator
     finally:
         if on:
             torch.set_flush_denormal(False)
+
+
+class HeldFlushDenormal:
+    """:func:`flush_denormal` held from :meth:`start` to :meth:`stop` rather than over one block:
+    a module starts it in ``on_fit_start`` and stops it in ``on_fit_end``."""
+
+    def __init__(self) -> None:
+        self._held: ExitStack | None = None
+
+    def start(self, device: torch.device | str, enabled: bool = True) -> None:
+        self.stop()
+        self._held = ExitStack()
+        self._held.enter_context(flush_denormal(device, enabled))
+
+    def stop(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
 
 def default_precision(accelerator: str | None) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from umedpt.data.loading import task_subset
-from umedpt.device import batch_to_device, flush_denormal
+from umedpt.device import HeldFlushDenormal, batch_to_device
 from umedpt.encoder import BATCHNORM_REFUSED, SwinEncoder, find_batchnorm
 from umedpt.io import CHECKPOINT_KEY, save_encoder
 from umedpt.kinds import get_kind
@@ -232,7 +232,7 @@ class MultiTaskModule(LightningModule):
         self._all_parameters: list[nn.Parameter] | None = None
         self._grad_norm: Tensor | None = None
         #: the denormal flush of a fit on CPU, entered at its start and left at its end
-        self._denormal: ExitStack | None = None
+        self._denormal = HeldFlushDenormal()
         #: the coordination weights of the last training step per task
         self.last_weights: dict[str, float] = {}
         self.save_hyperparameters(
@@ -665,16 +665,13 @@ class MultiTaskModule(LightningModule):
                 f"fp16's loss scaler unscales them; use precision bf16-mixed or 32-true, "
                 f"not {self.trainer.precision!r}"
             )
-        self._denormal = ExitStack()
-        self._denormal.enter_context(flush_denormal(self.device, self.hparams.flush_denormal))
+        self._denormal.start(self.device, self.hparams.flush_denormal)
 
     def on_train_end(self) -> None:
         self._poll_finite_checks(wait=True)
 
     def on_fit_end(self) -> None:
-        if self._denormal is not None:
-            self._denormal.close()
-            self._denormal = None
+        self._denormal.stop()
         if not self.trainer.is_global_zero:
             return
         table = self.metrics_table("val")

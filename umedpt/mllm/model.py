@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +13,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from umedpt.device import flush_denormal
+from umedpt.device import HeldFlushDenormal
 from umedpt.encoder import SwinEncoder
 from umedpt.io import load_encoder
 from umedpt.mllm.connector import ConnectorMoE, MLPConnector, RouterInput, RouterType
@@ -152,7 +151,7 @@ class MLLMModule(LightningModule):
         self._routing_counts: Tensor | None = None
         #: mean routing weights per task of the last training epoch
         self.routing_means: dict[str, list[float]] = {}
-        self._denormal: ExitStack | None = None
+        self._denormal = HeldFlushDenormal()
 
     # ------------------------------------------------------------------ building
     @staticmethod
@@ -352,16 +351,13 @@ class MLLMModule(LightningModule):
     def on_fit_start(self) -> None:
         """Save the tokenizer to ``<log dir>/tokenizer`` (reuse it with ``--model.tokenizer``);
         flush subnormal floats on CPU until the fit ends (``flush_denormal``)."""
-        self._denormal = ExitStack()
-        self._denormal.enter_context(flush_denormal(self.device, self.hparams.flush_denormal))
+        self._denormal.start(self.device, self.hparams.flush_denormal)
         if self.trainer.is_global_zero:
             self.tokenizer.save_pretrained(str(self._run_dir() / "tokenizer"))
 
     def on_fit_end(self) -> None:
         """Write the last epoch's routing weights per task: ``routing_weights.json`` and ``.png``."""
-        if self._denormal is not None:
-            self._denormal.close()
-            self._denormal = None
+        self._denormal.stop()
         if not self.trainer.is_global_zero or not self.routing_means:
             return
         from umedpt.mllm.plots import plot_routing, text_only_note
